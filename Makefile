@@ -1,0 +1,38 @@
+# Quickstart: `make demo` and `make test` on a fresh machine. Both create .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# The CPU build of torch lies on this machine's disk; installing it before the `hf` extra keeps CI fast.
+TORCH_CPU ?= torch==2.13.0
+PYTEST_ARGS ?= -n 2
+
+.PHONY: demo test bench lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(VENV)/.installed: $(PY) pyproject.toml
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) install -q $(TORCH_CPU)
+	$(PIP) install -q -e ".[dev,hf]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/nemojax demo --config configs/tiny.yaml
+
+test: $(VENV)/.installed-dev
+	$(PY) -m pytest $(PYTEST_ARGS) tests
+
+bench: $(VENV)/.installed-dev
+	$(PY) benchmarks/forward_vs_hf.py
+
+lint: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check nemojax pallas_kernels tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache

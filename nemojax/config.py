@@ -1,0 +1,387 @@
+"""ModelConfig: every architectural field the Nemotron-H forward pass needs, plus HF config.json and YAML I/O.
+
+Layer pattern characters (one per layer, see architecture.md §1):
+    M  Mamba-2 mixer         (HF layer type "linear_attention", legacy "mamba")
+    *  GQA attention         ("full_attention", legacy "attention")
+    -  squared-ReLU MLP      ("mlp")
+    E  sigmoid-routed MoE    ("moe")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import logging
+import math
+import os
+from typing import Any, Optional
+
+logger = logging.getLogger(__name__)
+
+PATTERN_CHARS = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
+HF_TYPE_TO_CHAR = {v: k for k, v in PATTERN_CHARS.items()} | {"mamba": "M", "attention": "*"}
+DT_CLAMP_MODES = ("none", "hf")
+DTYPES = ("float32", "bfloat16", "float16")
+SSD_IMPLS = ("xla", "naive", "associative")
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, missing or inconsistent."""
+
+
+def validate_pattern(pattern: str, what: str = "pattern") -> str:
+    if not isinstance(pattern, str) or not pattern:
+        raise ConfigError(f"{what} must be a non-empty string of the characters M * - E, got {pattern!r}")
+    for i, ch in enumerate(pattern):
+        if ch not in PATTERN_CHARS:
+            raise ConfigError(f"{what} {pattern!r} has unknown layer character {ch!r} at position {i}; "
+                              f"allowed: 'M' (Mamba-2), '*' (attention), '-' (MLP), 'E' (MoE)")
+    return pattern
+
+
+def pattern_from_layer_types(types: list[str], what: str = "layers_block_type") -> str:
+    if not isinstance(types, (list, tuple)) or not types:
+        raise ConfigError(f"{what} must be a non-empty list of layer types, got {types!r}")
+    unknown = sorted({t for t in types if t not in HF_TYPE_TO_CHAR})
+    if unknown:
+        raise ConfigError(f"{what} has unknown layer types {unknown}; allowed: {sorted(HF_TYPE_TO_CHAR)}")
+    return "".join(HF_TYPE_TO_CHAR[t] for t in types)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a Nemotron-H family model. Field names follow HF `NemotronHConfig` where one exists."""
+
+    vocab_size: int = 131072
+    hidden_size: int = 4096
+    pattern: str = "M-M*-"
+    # attention
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: int = 128
+    # dense MLP
+    intermediate_size: int = 21504
+    mlp_bias: bool = False
+    mlp_hidden_act: str = "relu2"
+    # Mamba-2
+    mamba_num_heads: int = 128
+    mamba_head_dim: int = 64
+    ssm_state_size: int = 128
+    n_groups: int = 8
+    conv_kernel: int = 4
+    chunk_size: int = 128
+    use_conv_bias: bool = True
+    mamba_proj_bias: bool = False
+    mamba_hidden_act: str = "silu"
+    time_step_min: float = 0.001
+    time_step_max: float = 0.1
+    time_step_floor: float = 1e-4
+    time_step_limit: tuple[float, float] = (0.0, math.inf)
+    # "none": NVIDIA's reference (mamba_ssm, Megatron, vLLM): dt only limited by time_step_limit.
+    # "hf": transformers 5.x, which also clamps dt >= time_step_min on multi-token (prefill) forwards only.
+    dt_clamp: str = "none"
+    # MoE (E layers)
+    n_routed_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    moe_shared_expert_intermediate_size: int = 0
+    moe_latent_size: Optional[int] = None
+    routed_scaling_factor: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    # multi-token prediction
+    num_nextn_predict_layers: int = 0
+    mtp_pattern: str = "*E"
+    # shared
+    layer_norm_epsilon: float = 1e-5
+    tie_word_embeddings: bool = False
+    residual_in_fp32: bool = False
+    initializer_range: float = 0.02
+    rescale_prenorm_residual: bool = True
+    max_position_embeddings: int = 4096
+    bos_token_id: Optional[int] = 1
+    eos_token_id: Any = 2
+    pad_token_id: Optional[int] = 0
+    # runtime choices (not architecture): compute/param dtypes and SSD implementation
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    ssd_impl: str = "xla"
+
+    def __post_init__(self):
+        if isinstance(self.time_step_limit, list):
+            object.__setattr__(self, "time_step_limit", tuple(float(v) for v in self.time_step_limit))
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        self.validate()
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def num_layers(self) -> int:
+        return len(self.pattern)
+
+    @property
+    def mamba_inner(self) -> int:
+        """I = H * P (HF ignores `expand`)."""
+        return self.mamba_num_heads * self.mamba_head_dim
+
+    @property
+    def mamba_conv_dim(self) -> int:
+        return self.mamba_inner + 2 * self.n_groups * self.ssm_state_size
+
+    @property
+    def mamba_in_proj_dim(self) -> int:
+        return 2 * self.mamba_inner + 2 * self.n_groups * self.ssm_state_size + self.mamba_num_heads
+
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        eos = self.eos_token_id
+        if eos is None:
+            return ()
+        return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        validate_pattern(self.pattern)
+        for name in ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                     "mamba_num_heads", "mamba_head_dim", "ssm_state_size", "n_groups", "conv_kernel",
+                     "chunk_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if "*" in self.pattern and self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
+                              f"num_key_value_heads ({self.num_key_value_heads})")
+        if "M" in self.pattern:
+            if self.mamba_num_heads % self.n_groups:
+                raise ConfigError(f"mamba_num_heads ({self.mamba_num_heads}) must be divisible by "
+                                  f"n_groups ({self.n_groups})")
+        if "-" in self.pattern and self.intermediate_size <= 0:
+            raise ConfigError(f"intermediate_size must be positive for '-' layers, got {self.intermediate_size}")
+        if self.mlp_hidden_act != "relu2":
+            raise ConfigError(f"mlp_hidden_act {self.mlp_hidden_act!r} is not supported; Nemotron-H uses 'relu2'")
+        if self.mamba_hidden_act != "silu":
+            raise ConfigError(f"mamba_hidden_act {self.mamba_hidden_act!r} is not supported; Nemotron-H uses 'silu'")
+        if self.dt_clamp not in DT_CLAMP_MODES:
+            raise ConfigError(f"dt_clamp must be one of {DT_CLAMP_MODES}, got {self.dt_clamp!r}")
+        if len(self.time_step_limit) != 2 or not self.time_step_limit[0] <= self.time_step_limit[1]:
+            raise ConfigError(f"time_step_limit must be (min, max) with min <= max, got {self.time_step_limit!r}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ConfigError(f"{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+        if self.ssd_impl not in SSD_IMPLS:
+            raise ConfigError(f"ssd_impl must be one of {SSD_IMPLS}, got {self.ssd_impl!r}")
+        if "E" in self.pattern or (self.num_nextn_predict_layers and "E" in self.mtp_pattern):
+            self._validate_moe()
+        if self.num_nextn_predict_layers < 0:
+            raise ConfigError(f"num_nextn_predict_layers must be >= 0, got {self.num_nextn_predict_layers}")
+        if self.num_nextn_predict_layers:
+            validate_pattern(self.mtp_pattern, "mtp_pattern")
+
+    def _validate_moe(self) -> None:
+        if self.n_routed_experts <= 0 or self.moe_intermediate_size <= 0:
+            raise ConfigError("'E' layers need n_routed_experts > 0 and moe_intermediate_size > 0, got "
+                              f"{self.n_routed_experts} and {self.moe_intermediate_size}")
+        if not 0 < self.num_experts_per_tok <= self.n_routed_experts:
+            raise ConfigError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in "
+                              f"[1, n_routed_experts={self.n_routed_experts}]")
+        if self.n_routed_experts % self.n_group:
+            raise ConfigError(f"n_routed_experts ({self.n_routed_experts}) must be divisible by "
+                              f"n_group ({self.n_group})")
+        if not 0 < self.topk_group <= self.n_group:
+            raise ConfigError(f"topk_group ({self.topk_group}) must be in [1, n_group={self.n_group}]")
+
+    # ------------------------------------------------------------------ construction helpers
+    def replace(self, **changes) -> "ModelConfig":
+        _check_keys(changes, "ModelConfig.replace")
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, d: dict, what: str = "model config") -> "ModelConfig":
+        """Builds from our own field names (YAML configs). Unknown keys are errors, with a suggestion."""
+        _check_keys(d, what)
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["time_step_limit"] = list(self.time_step_limit)
+        if isinstance(self.eos_token_id, tuple):
+            out["eos_token_id"] = list(self.eos_token_id)
+        return out
+
+    @classmethod
+    def from_yaml(cls, path: str, **overrides) -> "ModelConfig":
+        """Reads a YAML file; takes its `model:` section when present, so run configs can embed one."""
+        import yaml
+
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at top level")
+        data = dict(data.get("model", data))
+        data.update(overrides)
+        return cls.from_dict(data, what=f"model config {path}")
+
+    @classmethod
+    def from_hf(cls, path: str, **overrides) -> "ModelConfig":
+        """Reads `config.json` from an HF checkpoint directory (or the file itself)."""
+        file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+        if not os.path.exists(file):
+            raise FileNotFoundError(f"no config.json at {file}")
+        with open(file) as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{file} is not valid JSON: {e}") from e
+        return cls.from_hf_dict(data, **overrides)
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict, dt_clamp: str = "hf", **overrides) -> "ModelConfig":
+        """Maps an HF NemotronHConfig dict (new or legacy keys) to ModelConfig.
+
+        dt_clamp defaults to "hf" so a converted checkpoint reproduces transformers' logits; pass "none" for
+        NVIDIA's reference behaviour. Keys that HF writes but the forward does not use are ignored; keys we
+        do not recognise at all are logged, not fatal, because HF adds generic keys from release to release.
+        """
+        hf = dict(hf)
+        model_type = hf.get("model_type")
+        if model_type not in (None, "nemotron_h"):
+            raise ConfigError(f"config.json has model_type {model_type!r}; expected 'nemotron_h'")
+        out: dict[str, Any] = {}
+        if "use_bias" in hf:  # transformers builds the Mamba in/out projections from `use_bias`
+            hf["mamba_proj_bias"] = hf.pop("use_bias")
+        for legacy, new in _HF_LEGACY_KEYS.items():
+            if legacy in hf:
+                value = hf.pop(legacy)
+                hf.setdefault(new, value)
+        if "layers_block_type" in hf or "layer_types" in hf:
+            types = hf.pop("layers_block_type", None) or hf.pop("layer_types")
+            hf.pop("layer_types", None)
+            out["pattern"] = pattern_from_layer_types(types)
+            pattern_str = hf.pop("hybrid_override_pattern", None)
+            if pattern_str is not None and validate_pattern(pattern_str, "hybrid_override_pattern") != out["pattern"]:
+                raise ConfigError(f"hybrid_override_pattern {pattern_str!r} disagrees with layers_block_type "
+                                  f"(pattern {out['pattern']!r})")
+        elif "hybrid_override_pattern" in hf:
+            out["pattern"] = validate_pattern(hf.pop("hybrid_override_pattern"), "hybrid_override_pattern")
+        else:
+            raise ConfigError("config.json has neither layers_block_type nor hybrid_override_pattern")
+        n_layers = hf.pop("num_hidden_layers", None)
+        if n_layers is not None and n_layers != len(out["pattern"]):
+            raise ConfigError(f"num_hidden_layers ({n_layers}) does not match the layer pattern's length "
+                              f"({len(out['pattern'])})")
+        if "mtp_layers_block_type" in hf:
+            types = hf.pop("mtp_layers_block_type")
+            if types:
+                out["mtp_pattern"] = pattern_from_layer_types(types, "mtp_layers_block_type")
+        if "mtp_hybrid_override_pattern" in hf:
+            out["mtp_pattern"] = validate_pattern(hf.pop("mtp_hybrid_override_pattern"), "mtp_hybrid_override_pattern")
+        if hf.get("moe_latent_size") is None:
+            hf.pop("moe_latent_size", None)
+        if hf.get("head_dim") is None:
+            hf.pop("head_dim", None)
+        if hf.get("num_key_value_heads") is None and "num_attention_heads" in hf:
+            hf["num_key_value_heads"] = hf["num_attention_heads"]
+        n_shared = hf.pop("n_shared_experts", 1)
+        if n_shared not in (0, 1):
+            raise ConfigError(f"n_shared_experts={n_shared} is not supported (published models use 1)")
+        fields = {f.name for f in dataclasses.fields(cls)} - _RUNTIME_FIELDS - {"pattern", "mtp_pattern"}
+        unknown = []
+        for key, value in hf.items():
+            if key in fields:
+                out[key] = value
+            elif key not in _HF_IGNORED_KEYS:
+                unknown.append(key)
+        if unknown:
+            logger.info("ignoring config.json keys not used by nemojax: %s", sorted(unknown))
+        if out.get("time_step_limit") is not None:
+            out["time_step_limit"] = tuple(_json_float(v) for v in out["time_step_limit"])
+        else:
+            out.pop("time_step_limit", None)
+        out["dt_clamp"] = dt_clamp
+        out.update(overrides)
+        _check_keys(out, "ModelConfig.from_hf_dict overrides")
+        return cls(**out)
+
+    def to_hf_dict(self) -> dict:
+        """An HF `config.json` dict that transformers' NemotronHConfig (and NVIDIA's remote config) load."""
+        d = {
+            "architectures": ["NemotronHForCausalLM"],
+            "model_type": "nemotron_h",
+            "layers_block_type": [PATTERN_CHARS[c] for c in self.pattern],
+            "hybrid_override_pattern": self.pattern,
+            "num_hidden_layers": self.num_layers,
+            "torch_dtype": self.param_dtype,
+        }
+        skip = _RUNTIME_FIELDS | {"pattern", "mtp_pattern", "dt_clamp"}
+        for f in dataclasses.fields(self):
+            if f.name in skip:
+                continue
+            value = getattr(self, f.name)
+            d[f.name] = list(value) if isinstance(value, tuple) else value
+        d["time_step_limit"] = [_float_to_json(v) for v in self.time_step_limit]
+        if self.num_nextn_predict_layers:
+            d["mtp_layers_block_type"] = [PATTERN_CHARS[c] for c in self.mtp_pattern]
+        d["n_shared_experts"] = 1
+        d["use_bias"] = self.mamba_proj_bias
+        return d
+
+    def save_hf_config(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump(self.to_hf_dict(), f, indent=2, sort_keys=True, allow_nan=True)
+
+
+_RUNTIME_FIELDS = {"dtype", "param_dtype", "ssd_impl"}
+
+_HF_LEGACY_KEYS = {
+    "mamba_n_groups": "n_groups",
+    "mamba_d_conv": "conv_kernel",
+    "mamba_dt_min": "time_step_min",
+    "mamba_dt_max": "time_step_max",
+    "mamba_dt_limit": "time_step_limit",
+    "mamba_dt_init_floor": "time_step_floor",
+    "mamba_conv_bias": "use_conv_bias",
+    "mamba_chunk_size": "chunk_size",
+    "attention_head_dim": "head_dim",
+    "rms_norm_eps": "layer_norm_epsilon",
+    "num_local_experts": "n_routed_experts",
+}
+
+# Keys HF / NVIDIA configs carry that do not change the forward pass (init-only, generation, bookkeeping).
+_HF_IGNORED_KEYS = {
+    "architectures", "auto_map", "model_type", "torch_dtype", "dtype", "transformers_version", "use_cache",
+    "num_logits_to_keep", "use_mamba_kernels", "mamba_ssm_cache_dtype", "expand", "mamba_expand",
+    "attention_dropout", "hidden_dropout", "sliding_window", "output_router_logits", "moe_shared_expert_overlap",
+    "attention_bias",  # transformers hard-codes bias=False for q/k/v/o whatever this says
+    "rope_theta", "partial_rotary_factor", "rope_scaling", "rope_parameters", "_name_or_path", "output_attentions",
+    "output_hidden_states", "return_dict", "chunk_size_feed_forward", "is_encoder_decoder", "tie_encoder_decoder",
+    "id2label", "label2id", "problem_type", "tokenizer_class", "prefix", "sep_token_id", "decoder_start_token_id",
+    "task_specific_params", "finetuning_task", "pruned_heads", "hidden_act", "mlp_hidden_act_fn", "kv_channels",
+    "ffn_hidden_size", "mamba_dt_rank", "initializer_range_scale",
+}
+
+
+def _json_float(value) -> float:
+    """Reads a float that transformers may have written as {"__float__": "Infinity"} or a string."""
+    if isinstance(value, dict) and "__float__" in value:
+        value = value["__float__"]
+    try:
+        return float(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"expected a number in config.json, got {value!r}") from e
+
+
+def _float_to_json(value: float):
+    """Non-finite floats in transformers' own JSON encoding (plain JSON has no Infinity)."""
+    return value if math.isfinite(value) else {"__float__": str(value).replace("inf", "Infinity")}
+
+
+def _check_keys(d: dict, what: str) -> None:
+    fields = [f.name for f in dataclasses.fields(ModelConfig)]
+    for key in d:
+        if key not in fields:
+            hint = difflib.get_close_matches(key, fields, n=1)
+            suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+            raise ConfigError(f"unknown key {key!r} in {what}{suggestion}")

@@ -1,0 +1,110 @@
+"""NemotronH parameters <-> Orbax checkpoint directories.
+
+Layout of DIR:
+    DIR/nemojax_config.json   ModelConfig.to_dict() (architecture + dtypes)
+    DIR/params/               Orbax StandardCheckpointer tree of the parameters (nested dict of arrays)
+    DIR/tokenizer*.json ...   tokenizer files copied from the source checkpoint, when present
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nemojax.config import ModelConfig
+from nemojax.model import NemotronH
+
+CONFIG_FILE = "nemojax_config.json"
+PARAMS_DIR = "params"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+def save_orbax(model: NemotronH, directory: str, force: bool = False) -> None:
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(directory)
+    params_dir = os.path.join(directory, PARAMS_DIR)
+    if os.path.exists(params_dir):
+        if not force:
+            raise FileExistsError(f"{params_dir} already exists; pass force=True (--force) to overwrite")
+        shutil.rmtree(params_dir)
+    os.makedirs(directory, exist_ok=True)
+    state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(params_dir, state)
+        ckptr.wait_until_finished()
+    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+        json.dump(_json_safe(model.config.to_dict()), f, indent=2)
+
+
+def load_orbax(directory: str, dtype: Optional[str] = None) -> NemotronH:
+    """Restores a model saved by save_orbax; dtype (optional) recasts parameters and compute."""
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(directory)
+    cfg_file = os.path.join(directory, CONFIG_FILE)
+    if not os.path.exists(cfg_file):
+        raise FileNotFoundError(f"{directory} is not a nemojax Orbax checkpoint: no {CONFIG_FILE}")
+    with open(cfg_file) as f:
+        raw = json.load(f)
+    raw["time_step_limit"] = tuple(float(v) for v in raw["time_step_limit"])
+    cfg = ModelConfig.from_dict(raw, what=cfg_file)
+    saved_cfg = cfg
+    abstract = nnx.eval_shape(lambda: NemotronH(saved_cfg, nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    target = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+    with ocp.StandardCheckpointer() as ckptr:
+        restored = ckptr.restore(os.path.join(directory, PARAMS_DIR), target)
+    nnx.replace_by_pure_dict(abstract_state, restored)
+    model = nnx.merge(graphdef, abstract_state)
+    if dtype is not None and dtype != cfg.param_dtype:
+        model = cast_model(model, dtype)
+    return model
+
+
+def cast_model(model: NemotronH, dtype: str) -> NemotronH:
+    """A copy of model with parameters and compute in `dtype`."""
+    cfg = model.config.replace(dtype=dtype, param_dtype=dtype)
+    abstract = nnx.eval_shape(lambda: NemotronH(cfg, nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    values = jax.tree.map(lambda a: a.astype(jnp.dtype(dtype)), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    nnx.replace_by_pure_dict(state, values)
+    return nnx.merge(graphdef, state)
+
+
+def copy_tokenizer_files(src: str, dst: str) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        path = os.path.join(src, name)
+        if os.path.isfile(path):
+            shutil.copy2(path, os.path.join(dst, name))
+            copied.append(name)
+    return copied
+
+
+def hf_to_orbax(src: str, dst: str, dtype: str = "float32", force: bool = False, dt_clamp: str = "hf") -> None:
+    from nemojax.convert.hf import load_hf
+
+    model = load_hf(src, dtype=dtype, dt_clamp=dt_clamp)
+    save_orbax(model, dst, force=force)
+    copy_tokenizer_files(src, dst)
+
+
+def orbax_to_hf(src: str, dst: str, dtype: Optional[str] = None, max_shard_size="5GB") -> None:
+    from nemojax.convert.hf import save_hf
+
+    model = load_orbax(src)
+    save_hf(model, dst, max_shard_size=max_shard_size, dtype=dtype)
+    copy_tokenizer_files(src, dst)
+
+
+def _json_safe(d: dict) -> dict:
+    out = dict(d)
+    out["time_step_limit"] = [str(v) if v in (float("inf"), float("-inf")) else v for v in d["time_step_limit"]]
+    return out

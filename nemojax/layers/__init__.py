@@ -1,0 +1,1 @@
+"""Flax NNX layers of the Nemotron-H hybrid stack, one file per mixer."""

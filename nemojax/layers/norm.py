@@ -1,0 +1,43 @@
+"""RMSNorm and the gated group RMSNorm of the Mamba-2 mixer (architecture.md §2, §3.7)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+F32 = jnp.float32
+
+
+class RMSNorm(nnx.Module):
+    """y = (w * x * rsqrt(mean(x^2) + eps)) computed in fp32, cast back to x's dtype. weight [dim]."""
+
+    def __init__(self, dim: int, eps: float, param_dtype=F32):
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(F32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (self.weight[...].astype(F32) * y).astype(x.dtype)
+
+
+class GatedGroupRMSNorm(nnx.Module):
+    """Mamba-2's norm_before_gate=False gated norm: RMSNorm_group(y * silu(z)) * w, all in fp32.
+
+    y, z: [..., inner]; groups are contiguous blocks of inner // groups channels. Returns fp32.
+    """
+
+    def __init__(self, dim: int, groups: int, eps: float, param_dtype=F32):
+        if dim % groups:
+            raise ValueError(f"gated norm width {dim} is not divisible by n_groups {groups}")
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.groups = groups
+        self.eps = eps
+
+    def __call__(self, y: jax.Array, z: jax.Array) -> jax.Array:
+        g = y.astype(F32) * jax.nn.silu(z.astype(F32))
+        shape = g.shape
+        g = g.reshape(shape[:-1] + (self.groups, shape[-1] // self.groups))
+        g = g * jax.lax.rsqrt(jnp.mean(g * g, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(F32) * g.reshape(shape)

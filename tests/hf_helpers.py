@@ -1,0 +1,49 @@
+"""Builds tiny random transformers NemotronHForCausalLM checkpoints for parity tests (no hub access)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+TINY_BASE = dict(vocab_size=97, hidden_size=48, hybrid_override_pattern="M*-M-*M", num_attention_heads=6,
+                 num_key_value_heads=2, head_dim=8, intermediate_size=80, mamba_num_heads=8, mamba_head_dim=6,
+                 ssm_state_size=8, n_groups=2, chunk_size=8, layer_norm_epsilon=1e-5)
+
+
+def build_hf_model(seed: int = 0, dt_bias_mean: float = -3.0, **overrides):
+    """A random HF model whose every parameter (A_log, D, dt_bias, norms included) is perturbed away from its
+    constant init, so a mapping or layout mistake cannot hide behind ones and zeros."""
+    import torch
+    from transformers import NemotronHConfig, NemotronHForCausalLM
+
+    torch.manual_seed(seed)
+    kwargs = dict(TINY_BASE)
+    kwargs.update(overrides)
+    model = NemotronHForCausalLM(NemotronHConfig(**kwargs)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("A_log"):
+                p.copy_(torch.log(torch.rand_like(p) * 15 + 1))
+            elif name.endswith("dt_bias"):
+                p.copy_(torch.randn_like(p) * 2 + dt_bias_mean)
+            elif name.endswith(".D") or "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def save_hf_model(model, directory) -> str:
+    model.save_pretrained(str(directory))
+    return str(directory)
+
+
+def hf_logits(model, ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        mask = None if attention_mask is None else torch.from_numpy(attention_mask)
+        return model(torch.from_numpy(ids).long(), attention_mask=mask).logits.float().numpy()
+
+
+def random_ids(vocab: int, batch: int, seq: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, (batch, seq)).astype(np.int32)

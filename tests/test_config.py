@@ -1,0 +1,100 @@
+import dataclasses
+import glob
+import json
+
+import pytest
+
+from nemojax.config import ConfigError, ModelConfig
+from nemojax.convert.hf import param_count
+
+
+def test_pattern_errors_name_the_character():
+    with pytest.raises(ConfigError, match=r"unknown layer character 'X' at position 2"):
+        ModelConfig(pattern="M*X-")
+    with pytest.raises(ConfigError, match="non-empty"):
+        ModelConfig(pattern="")
+
+
+def test_inconsistent_values_raise():
+    with pytest.raises(ConfigError, match=r"num_attention_heads \(6\) must be divisible by num_key_value_heads"):
+        ModelConfig(pattern="*", num_attention_heads=6, num_key_value_heads=4)
+    with pytest.raises(ConfigError, match=r"mamba_num_heads \(6\) must be divisible by n_groups \(4\)"):
+        ModelConfig(pattern="M", mamba_num_heads=6, n_groups=4)
+    with pytest.raises(ConfigError, match="dt_clamp"):
+        ModelConfig(dt_clamp="sometimes")
+    with pytest.raises(ConfigError, match="relu2"):
+        ModelConfig(mlp_hidden_act="gelu")
+    with pytest.raises(ConfigError, match="num_experts_per_tok"):
+        ModelConfig(pattern="E", n_routed_experts=4, num_experts_per_tok=5, moe_intermediate_size=8)
+
+
+def test_unknown_key_suggests_the_right_one(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'hiden_size'.*did you mean 'hidden_size'"):
+        ModelConfig.from_dict({"hiden_size": 8})
+    (tmp_path / "c.yaml").write_text("model:\n  pattern: M-\n  n_group: 1\n  ssm_state_sise: 4\n")
+    with pytest.raises(ConfigError, match="ssm_state_sise.*ssm_state_size"):
+        ModelConfig.from_yaml(str(tmp_path / "c.yaml"))
+
+
+def test_legacy_hf_keys_are_read():
+    legacy = {"model_type": "nemotron_h", "hybrid_override_pattern": "M-*", "mamba_n_groups": 2, "attention_head_dim": 16,
+              "rms_norm_eps": 1e-6, "mamba_d_conv": 3, "mamba_chunk_size": 64, "num_hidden_layers": 3,
+              "mamba_num_heads": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "use_bias": True,
+              "mamba_dt_limit": [0.0, {"__float__": "Infinity"}], "rope_theta": 10000, "expand": 2}
+    cfg = ModelConfig.from_hf_dict(legacy)
+    assert (cfg.pattern, cfg.n_groups, cfg.head_dim, cfg.layer_norm_epsilon, cfg.conv_kernel, cfg.chunk_size) == \
+        ("M-*", 2, 16, 1e-6, 3, 64)
+    assert cfg.mamba_proj_bias is True and cfg.time_step_limit == (0.0, float("inf"))
+    assert cfg.dt_clamp == "hf"  # default when loading from HF, so converted models reproduce transformers
+
+
+def test_layers_block_type_list_with_new_and_legacy_names():
+    cfg = ModelConfig.from_hf_dict({"layers_block_type": ["mamba", "mlp", "attention", "linear_attention",
+                                                           "full_attention", "moe"],
+                                    "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 8})
+    assert cfg.pattern == "M-*M*E"
+    with pytest.raises(ConfigError, match="unknown layer types.*'conv'"):
+        ModelConfig.from_hf_dict({"layers_block_type": ["mamba", "conv"]})
+    with pytest.raises(ConfigError, match="num_hidden_layers"):
+        ModelConfig.from_hf_dict({"hybrid_override_pattern": "M-", "num_hidden_layers": 3})
+    with pytest.raises(ConfigError, match="disagrees"):
+        ModelConfig.from_hf_dict({"hybrid_override_pattern": "M-", "layers_block_type": ["mlp", "mamba"]})
+    with pytest.raises(ConfigError, match="model_type"):
+        ModelConfig.from_hf_dict({"model_type": "llama", "hybrid_override_pattern": "M"})
+
+
+def test_hf_config_round_trip_through_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = ModelConfig.from_yaml("configs/nano_v2_9b.yaml")
+    cfg.save_hf_config(str(tmp_path))
+    hf = transformers.NemotronHConfig.from_pretrained(str(tmp_path))
+    assert hf.hybrid_override_pattern == cfg.pattern
+    assert (hf.mamba_num_heads, hf.mamba_head_dim, hf.n_groups, hf.head_dim) == (128, 80, 8, 128)
+    hf.save_pretrained(str(tmp_path / "hf"))
+    back = ModelConfig.from_hf(str(tmp_path / "hf"), dt_clamp="none")
+    assert back == cfg
+    json.loads((tmp_path / "config.json").read_text())  # strict JSON (no bare Infinity)
+
+
+def test_every_yaml_config_loads_and_published_sizes_match():
+    published = {  # total parameters of the HF checkpoints
+        "nano_v2_12b": 12.31e9, "nano_v2_9b": 8.89e9, "nemotron_h_8b": 8.1e9,
+        "nemotron_h_47b": 46.8e9, "nemotron_h_56b": 56.3e9,
+    }
+    seen = set()
+    for path in glob.glob("configs/*.yaml"):
+        name = path.split("/")[-1][:-5]
+        cfg = ModelConfig.from_yaml(path)
+        seen.add(name)
+        if name in published:
+            assert abs(param_count(cfg) / published[name] - 1) < 0.005, (name, param_count(cfg))
+    assert {"tiny", "nemotron_h_4b", "nemotron_h_8b", "nano_v2_9b", "nano_v2_12b"} <= seen
+
+
+def test_config_is_frozen_and_replace_validates():
+    cfg = ModelConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.hidden_size = 3
+    with pytest.raises(ConfigError, match="unknown key"):
+        cfg.replace(hidden=3)
+    assert cfg.replace(dtype="bfloat16").dtype == "bfloat16"

@@ -1,0 +1,49 @@
+"""transformers 5.x floors dt at time_step_min in prefill; NVIDIA's reference (mamba_ssm, vLLM) does not.
+Both behaviours are reachable through ModelConfig.dt_clamp, each checked against transformers itself."""
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip("transformers")
+from hf_helpers import build_hf_model, hf_logits, random_ids, save_hf_model  # noqa: E402
+
+from nemojax import load_hf  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def small_dt_model(tmp_path_factory):
+    # dt_bias around -9 puts softplus(dt) (~1e-4) below time_step_min = 1e-2, where the two behaviours differ.
+    # (transformers fails on a model without any attention layer, hence the '*')
+    model = build_hf_model(seed=21, dt_bias_mean=-9.0, time_step_min=0.01, hybrid_override_pattern="MM*M")
+    directory = save_hf_model(model, tmp_path_factory.mktemp("smalldt"))
+    ids = random_ids(model.config.vocab_size, 2, 29)
+    return model, directory, ids
+
+
+def test_hf_setting_matches_transformers(small_dt_model):
+    model, directory, ids = small_dt_model
+    ref = hf_logits(model, ids)
+    ours = np.asarray(load_hf(directory, dt_clamp="hf")(jnp.asarray(ids)))
+    assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_none_setting_matches_transformers_without_its_clamp(small_dt_model):
+    model, directory, ids = small_dt_model
+    clamped = hf_logits(model, ids)
+    for layer in model.model.layers:
+        if hasattr(layer.mixer, "time_step_limit"):
+            layer.mixer.time_step_limit = (0.0, math.inf)   # NVIDIA's reference behaviour
+    try:
+        unclamped = hf_logits(model, ids)
+    finally:
+        for layer in model.model.layers:
+            if hasattr(layer.mixer, "time_step_limit"):
+                layer.mixer.time_step_limit = (model.config.time_step_min, math.inf)
+    ours = np.asarray(load_hf(directory, dt_clamp="none")(jnp.asarray(ids)))
+    scale = np.abs(unclamped).max()
+    assert np.abs(ours - unclamped).max() <= 1e-4 * scale
+    # and the flag matters here: the clamped and unclamped forwards really differ
+    assert np.abs(clamped - unclamped).max() > 1e-3 * scale
