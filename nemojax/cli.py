@@ -47,18 +47,18 @@ def _cmd_demo(args) -> int:
     import jax.numpy as jnp
     from flax import nnx
 
-    from nemojax.model import NemotronH, count_params
+    from nemojax.model import NemotronH, count_params, make_forward
 
     cfg = _load_config(args.config)
     model = NemotronH(cfg, nnx.Rngs(0))
     print(f"nemojax demo: {args.config}: pattern {cfg.pattern!r}, {count_params(model):,} parameters "
           f"on {jax.devices()[0].platform}")
     ids = jax.random.randint(jax.random.key(0), (2, args.seq_len), 0, cfg.vocab_size)
-    forward = nnx.jit(lambda m, x: m(x))
+    forward = make_forward(model)
     t0 = time.perf_counter()
-    logits = forward(model, ids).block_until_ready()
+    logits = forward(ids).block_until_ready()
     t1 = time.perf_counter()
-    forward(model, ids).block_until_ready()
+    forward(ids).block_until_ready()
     t2 = time.perf_counter()
     probs = jax.nn.softmax(logits[0, -1])
     print(f"forward [2, {args.seq_len}] -> logits {tuple(logits.shape)} {logits.dtype}; compile+run {t1 - t0:.2f}s, "

@@ -78,5 +78,18 @@ class NemotronH(nnx.Module):
         return self.logits(self.hidden_states(input_ids, attention_mask))
 
 
+def make_forward(model: NemotronH):
+    """A jitted fn(input_ids [batch, seq], attention_mask=None) -> logits [batch, seq, vocab] fp32 over the
+    model's parameters as they are now. Uses jax.jit over the split (graphdef, state): on CPU, nnx.jit of the
+    module measured 15-30% slower for a 123M model at 4096 tokens (its per-call state handling)."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def forward(state, input_ids, attention_mask):
+        return nnx.merge(graphdef, state)(input_ids, attention_mask)
+
+    return lambda input_ids, attention_mask=None: forward(state, input_ids, attention_mask)
+
+
 def count_params(model: nnx.Module) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

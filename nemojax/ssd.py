@@ -121,14 +121,14 @@ def ssd_associative(x: Array, dt: Array, A: Array, B: Array, C: Array, D: Option
 
 
 def _segment_sums(a: Array) -> Array:
-    """a [b, c, q, ...] -> seg [b, c, l, s, ...] with seg[l, s] = sum_{s<k<=l} a_k for l >= s, else -inf."""
-    q = a.shape[2]
-    rep = jnp.broadcast_to(a[:, :, :, None], a.shape[:3] + (q,) + a.shape[3:])    # rep[l, s] = a_l
-    extra = (None,) * (a.ndim - 3)
-    strictly_lower = jnp.tril(jnp.ones((q, q), dtype=bool), -1)[(None, None, ...) + extra]
-    seg = jnp.cumsum(jnp.where(strictly_lower, rep, 0.0), axis=2)
-    causal = jnp.tril(jnp.ones((q, q), dtype=bool))[(None, None, ...) + extra]
-    return jnp.where(causal, seg, -jnp.inf)
+    """a [..., q] -> seg [..., l, s] with seg[l, s] = sum_{s<k<=l} a_k for l >= s, else -inf.
+
+    The sums are accumulated directly rather than taken as cumsum_l - cumsum_s: the difference of two long
+    cumulative sums loses ~1e-5 relative precision in fp32."""
+    q = a.shape[-1]
+    rep = jnp.broadcast_to(a[..., :, None], a.shape + (q,))                    # rep[l, s] = a_l
+    seg = jnp.cumsum(jnp.where(jnp.tril(jnp.ones((q, q), dtype=bool), -1), rep, 0.0), axis=-2)
+    return jnp.where(jnp.tril(jnp.ones((q, q), dtype=bool)), seg, -jnp.inf)
 
 
 def ssd_chunked(x: Array, dt: Array, A: Array, B: Array, C: Array, D: Optional[Array] = None,
@@ -136,6 +136,9 @@ def ssd_chunked(x: Array, dt: Array, A: Array, B: Array, C: Array, D: Optional[A
     """Chunked SSD: quadratic (attention-like) form inside chunks of `chunk_size` tokens and a linear
     lax.scan of the [h, p, n] state across chunks. Any sequence length: the tail is zero-padded with
     dt = 0 (decay 1, no input), which leaves the final state unchanged, and cropped from y.
+
+    Internally head-major ([batch, groups, heads_per_group, chunk, ...]) so every contraction is a batched
+    matmul with its batch dims leading (no transposes of the [l, s] score blocks).
     """
     h, g, rep = _check_shapes(x, dt, A, B, C)
     b, t, _, p = x.shape
@@ -150,26 +153,26 @@ def ssd_chunked(x: Array, dt: Array, A: Array, B: Array, C: Array, D: Optional[A
         a = jnp.pad(a.astype(F32), [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
         return a.reshape((b, nc, q) + a.shape[2:])
 
-    xc = to_chunks(x).reshape(b, nc, q, g, rep, p)        # [b,c,q,g,r,p]
-    dtc = to_chunks(dt).reshape(b, nc, q, g, rep)         # [b,c,q,g,r]
-    Bc, Cc = to_chunks(B), to_chunks(C)                   # [b,c,q,g,n]
-    a = dtc * A.astype(F32).reshape(g, rep)               # log-decay per token
-    acs = jnp.cumsum(a, axis=2)                           # [b,c,q,g,r]
+    xc = to_chunks(x).reshape(b, nc, q, g, rep, p).transpose(0, 3, 4, 1, 2, 5)   # [b,g,r,c,q,p]
+    dtc = to_chunks(dt).reshape(b, nc, q, g, rep).transpose(0, 3, 4, 1, 2)       # [b,g,r,c,q]
+    Bc = to_chunks(B).transpose(0, 3, 1, 2, 4)                                   # [b,g,c,q,n]
+    Cc = to_chunks(C).transpose(0, 3, 1, 2, 4)
+    a = dtc * A.astype(F32).reshape(1, g, rep, 1, 1)                             # log-decay per token
+    acs = jnp.cumsum(a, axis=-1)
 
-    # Intra-chunk term: y_l = sum_{s<=l} (C_l . B_s) exp(seg[l, s]) dt_s x_s, seg[l, s] = sum_{s<k<=l} a_k.
-    # The segment sums are summed directly rather than taken as acs_l - acs_s: the difference of two
-    # long cumulative sums loses ~1e-5 relative precision in fp32.
-    seg = _segment_sums(a)                                 # [b,c,l,s,g,r], -inf above the diagonal
-    decay_ls = jnp.exp(seg)
-    cb = jnp.einsum("bclgn,bcsgn->bclsg", Cc, Bc)          # [b,c,l,s,g]
-    scores = cb[..., None] * decay_ls * dtc[:, :, None]    # [b,c,l,s,g,r]
-    y = jnp.einsum("bclsgr,bcsgrp->bclgrp", scores, xc)
+    # Intra-chunk term: y_l = sum_{s<=l} (C_l . B_s) exp(seg[l, s]) dt_s x_s.
+    cb = jnp.einsum("bgcln,bgcsn->bgcls", Cc, Bc)
+    scores = cb[:, :, None] * jnp.exp(_segment_sums(a)) * dtc[..., None, :]       # [b,g,r,c,l,s]
+    y = jnp.einsum("bgrcls,bgrcsp->bgrclp", scores, xc)
 
     # State contributed by each chunk alone, at the chunk's end.
-    after = jnp.flip(jnp.cumsum(jnp.flip(a, 2), axis=2), 2) - a   # sum_{k>s} a_k, summed from the end
-    w_end = jnp.exp(after) * dtc                          # [b,c,q,g,r]
-    chunk_states = jnp.einsum("bcsgr,bcsgrp,bcsgn->bcgrpn", w_end, xc, Bc)
-    chunk_decay = jnp.exp(acs[:, :, -1])                   # [b,c,g,r]
+    after = jnp.flip(jnp.cumsum(jnp.flip(a, -1), axis=-1), -1) - a              # sum_{k>s} a_k
+    weighted_x = xc * (jnp.exp(after) * dtc)[..., None]
+    # B broadcast over heads_per_group makes (b, g, r, c) one batch axis of plain matmuls, which XLA:CPU runs
+    # ~1.6x faster than contracting with r left as a free dimension.
+    B_heads = jnp.broadcast_to(Bc[:, :, None], (b, g, rep) + Bc.shape[2:])
+    chunk_states = jnp.einsum("bgrcsp,bgrcsn->bgrcpn", weighted_x, B_heads)
+    chunk_decay = jnp.exp(acs[..., -1])                                          # [b,g,r,c]
 
     def carry_state(state, inputs):                        # state: [b,g,r,p,n] entering the chunk
         decay_c, new_c = inputs
@@ -177,12 +180,15 @@ def ssd_chunked(x: Array, dt: Array, A: Array, B: Array, C: Array, D: Optional[A
 
     state0 = _initial_state(initial_state, b, h, p, n).reshape(b, g, rep, p, n)
     final, entering = jax.lax.scan(carry_state, state0,
-                                   (jnp.moveaxis(chunk_decay, 1, 0), jnp.moveaxis(chunk_states, 1, 0)))
-    entering = jnp.moveaxis(entering, 0, 1)                # [b,c,g,r,p,n]
+                                   (jnp.moveaxis(chunk_decay, 3, 0), jnp.moveaxis(chunk_states, 3, 0)))
+    entering = jnp.moveaxis(entering, 0, 3)                                      # [b,g,r,c,p,n]
 
     # Inter-chunk term: the entering state decayed to each position and read out with C.
-    y = y + jnp.einsum("bclgn,bcgrpn->bclgrp", Cc, entering) * jnp.exp(acs)[..., None]
-    y = y.reshape(b, nc * q, h, p)[:, :t]
+    # As one batched matmul over (b, g, c): [l, n] @ [n, (r p)], ~1.4x faster than the 6-D einsum on CPU.
+    entering_t = entering.transpose(0, 1, 3, 5, 2, 4).reshape(b, g, nc, n, rep * p)
+    y_off = jnp.matmul(Cc, entering_t).reshape(b, g, nc, q, rep, p).transpose(0, 1, 4, 2, 3, 5)
+    y = y + y_off * jnp.exp(acs)[..., None]
+    y = y.transpose(0, 3, 4, 1, 2, 5).reshape(b, nc * q, h, p)[:, :t]
     return _skip(y, x.astype(F32), D), final.reshape(b, h, p, n)
 
 

@@ -16,7 +16,7 @@ def test_pattern_errors_name_the_character():
 
 
 def test_inconsistent_values_raise():
-    with pytest.raises(ConfigError, match=r"num_attention_heads \(6\) must be divisible by num_key_value_heads"):
+    with pytest.raises(ConfigError, match=r"num_attention_heads \(6\) must be divisible by num_key_value"):
         ModelConfig(pattern="*", num_attention_heads=6, num_key_value_heads=4)
     with pytest.raises(ConfigError, match=r"mamba_num_heads \(6\) must be divisible by n_groups \(4\)"):
         ModelConfig(pattern="M", mamba_num_heads=6, n_groups=4)
@@ -37,8 +37,9 @@ def test_unknown_key_suggests_the_right_one(tmp_path):
 
 
 def test_legacy_hf_keys_are_read():
-    legacy = {"model_type": "nemotron_h", "hybrid_override_pattern": "M-*", "mamba_n_groups": 2, "attention_head_dim": 16,
-              "rms_norm_eps": 1e-6, "mamba_d_conv": 3, "mamba_chunk_size": 64, "num_hidden_layers": 3,
+    legacy = {"model_type": "nemotron_h", "hybrid_override_pattern": "M-*", "mamba_n_groups": 2,
+              "attention_head_dim": 16, "rms_norm_eps": 1e-6, "mamba_d_conv": 3, "mamba_chunk_size": 64,
+              "num_hidden_layers": 3,
               "mamba_num_heads": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "use_bias": True,
               "mamba_dt_limit": [0.0, {"__float__": "Infinity"}], "rope_theta": 10000, "expand": 2}
     cfg = ModelConfig.from_hf_dict(legacy)

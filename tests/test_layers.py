@@ -106,3 +106,18 @@ def test_init_follows_recipe():
     std_out = np.asarray(mixer.out_proj.kernel[...]).std()
     std_in = np.asarray(mixer.in_proj_x.kernel[...]).std()
     assert std_out < std_in / 2   # output projections scaled by 1/sqrt(2 L)
+
+
+def test_blocked_attention_equals_unblocked_with_offsets_and_padding():
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((2, 37, 4, 8)).astype(np.float32)
+    k = rng.standard_normal((2, 45, 2, 8)).astype(np.float32)   # 8 cached keys before the 37 queries
+    v = rng.standard_normal((2, 45, 2, 8)).astype(np.float32)
+    mask = np.ones((2, 45), bool)
+    mask[0, :11] = False
+    blocked = gqa_attention(q, k, v, key_mask=jnp.asarray(mask), query_block=5)
+    explicit = gqa_attention(q, k, v, key_mask=jnp.asarray(mask), q_positions=jnp.arange(8, 45))
+    real = np.ones((2, 37), bool)
+    real[0, :3] = False      # queries at positions 8..10 of row 0 see only padded keys: no defined output
+    np.testing.assert_allclose(np.asarray(blocked)[real], np.asarray(explicit)[real], atol=1e-6)
+    assert np.isfinite(np.asarray(blocked)).all()   # but they stay finite
