@@ -30,6 +30,7 @@ test: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed-dev
 	$(PY) benchmarks/forward_vs_hf.py
+	$(PY) benchmarks/moe.py
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check nemojax pallas_kernels tests benchmarks

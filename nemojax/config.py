@@ -24,6 +24,7 @@ HF_TYPE_TO_CHAR = {v: k for k, v in PATTERN_CHARS.items()} | {"mamba": "M", "att
 DT_CLAMP_MODES = ("none", "hf")
 DTYPES = ("float32", "bfloat16", "float16")
 SSD_IMPLS = ("xla", "naive", "associative")
+MOE_IMPLS = ("auto", "ragged", "capacity", "dense")
 
 
 class ConfigError(ValueError):
@@ -104,10 +105,14 @@ class ModelConfig:
     bos_token_id: Optional[int] = 1
     eos_token_id: Any = 2
     pad_token_id: Optional[int] = 0
-    # runtime choices (not architecture): compute/param dtypes and SSD implementation
+    # runtime choices (not architecture): compute/param dtypes, kernels, MoE dispatch, MTP training depth
     dtype: str = "float32"
     param_dtype: str = "float32"
     ssd_impl: str = "xla"
+    moe_impl: str = "auto"                       # auto | ragged | capacity | dense (see layers/moe.py)
+    moe_capacity_factor: Optional[float] = None  # 'capacity' slots per expert = cf * tokens * k / E; None: dropless
+    moe_aux_loss_coef: float = 0.0               # Switch-style balance loss; 0 = aux-loss-free (bias updates)
+    mtp_depth: int = 1                           # prediction depths trained/drafted by the MTP head
 
     def __post_init__(self):
         if isinstance(self.time_step_limit, list):
@@ -172,6 +177,12 @@ class ModelConfig:
                 raise ConfigError(f"{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
         if self.ssd_impl not in SSD_IMPLS:
             raise ConfigError(f"ssd_impl must be one of {SSD_IMPLS}, got {self.ssd_impl!r}")
+        if self.moe_impl not in MOE_IMPLS:
+            raise ConfigError(f"moe_impl must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
+        if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:
+            raise ConfigError(f"moe_capacity_factor must be positive or None, got {self.moe_capacity_factor}")
+        if self.mtp_depth < 1:
+            raise ConfigError(f"mtp_depth must be >= 1, got {self.mtp_depth}")
         if "E" in self.pattern or (self.num_nextn_predict_layers and "E" in self.mtp_pattern):
             self._validate_moe()
         if self.num_nextn_predict_layers < 0:
@@ -186,6 +197,8 @@ class ModelConfig:
         if not 0 < self.num_experts_per_tok <= self.n_routed_experts:
             raise ConfigError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in "
                               f"[1, n_routed_experts={self.n_routed_experts}]")
+        if self.moe_shared_expert_intermediate_size <= 0:
+            raise ConfigError("'E' layers need moe_shared_expert_intermediate_size > 0 (one shared expert)")
         if self.n_routed_experts % self.n_group:
             raise ConfigError(f"n_routed_experts ({self.n_routed_experts}) must be divisible by "
                               f"n_group ({self.n_group})")
@@ -333,7 +346,8 @@ class ModelConfig:
             json.dump(self.to_hf_dict(), f, indent=2, sort_keys=True, allow_nan=True)
 
 
-_RUNTIME_FIELDS = {"dtype", "param_dtype", "ssd_impl"}
+_RUNTIME_FIELDS = {"dtype", "param_dtype", "ssd_impl", "moe_impl", "moe_capacity_factor", "moe_aux_loss_coef",
+                   "mtp_depth"}
 
 _HF_LEGACY_KEYS = {
     "mamba_n_groups": "n_groups",

@@ -1,4 +1,5 @@
-"""NemotronH: embeddings -> pre-norm residual blocks by pattern -> norm_f -> untied lm_head (architecture.md §2)."""
+"""NemotronH: embeddings -> pre-norm residual blocks by pattern -> norm_f -> untied lm_head (architecture.md §2),
+with the optional multi-token-prediction head of Nemotron 3 (layers/mtp.py)."""
 
 from __future__ import annotations
 
@@ -9,43 +10,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nemojax.config import ModelConfig
-from nemojax.layers.attention import Attention
+from nemojax.layers.block import Block
 from nemojax.layers.common import dtypes, linear
-from nemojax.layers.mamba2 import Mamba2Mixer
-from nemojax.layers.mlp import MLP
+from nemojax.layers.moe import ExpertBias
+from nemojax.layers.mtp import MTPBlock, shift_left
 from nemojax.layers.norm import RMSNorm
 
-
-def make_mixer(char: str, cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
-    if char == "M":
-        return Mamba2Mixer(cfg, rngs)
-    if char == "*":
-        return Attention(cfg, rngs)
-    if char == "-":
-        return MLP(cfg, rngs)
-    if char == "E":
-        raise NotImplementedError("MoE ('E') layers are not implemented yet (tracked by the Nemotron 3 MoE issue)")
-    raise ValueError(f"unknown layer character {char!r}")
-
-
-class Block(nnx.Module):
-    """h + mixer(RMSNorm(h)). h [batch, seq, hidden]."""
-
-    def __init__(self, char: str, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.kind = char
-        self.norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon, dtypes(cfg)[1])
-        self.mixer = make_mixer(char, cfg, rngs)
-        self.compute_dtype = dtypes(cfg)[0]
-        # HF keeps the residual stream in the activation dtype; residual_in_fp32 (NVIDIA's option) keeps fp32.
-        self.residual_dtype = jnp.float32 if cfg.residual_in_fp32 else self.compute_dtype
-
-    def __call__(self, h: jax.Array, attention_mask: Optional[jax.Array] = None) -> jax.Array:
-        x = self.norm(h.astype(self.compute_dtype))
-        if self.kind in "M*":
-            y = self.mixer(x, attention_mask=attention_mask)
-        else:
-            y = self.mixer(x)
-        return h.astype(self.residual_dtype) + y.astype(self.residual_dtype)
+# What a checkpoint holds: trainable parameters and the MoE correction bias (a buffer, not trained by grads).
+PERSISTENT = (nnx.Param, ExpertBias)
 
 
 class NemotronH(nnx.Module):
@@ -59,6 +31,8 @@ class NemotronH(nnx.Module):
         self.layers = nnx.List([Block(c, cfg, rngs) for c in cfg.pattern])
         self.norm_f = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon, param)
         self.lm_head = None if cfg.tie_word_embeddings else linear(cfg, cfg.hidden_size, cfg.vocab_size, rngs)
+        self.mtp = (nnx.List([MTPBlock(cfg, rngs) for _ in range(cfg.num_nextn_predict_layers)])
+                    if cfg.num_nextn_predict_layers else None)
 
     def hidden_states(self, input_ids: jax.Array, attention_mask: Optional[jax.Array] = None) -> jax.Array:
         """Final-normed hidden states [batch, seq, hidden]."""
@@ -77,6 +51,26 @@ class NemotronH(nnx.Module):
     def __call__(self, input_ids: jax.Array, attention_mask: Optional[jax.Array] = None) -> jax.Array:
         return self.logits(self.hidden_states(input_ids, attention_mask))
 
+    def mtp_hidden(self, hidden: jax.Array, input_ids: jax.Array, depth: int,
+                   attention_mask: Optional[jax.Array] = None) -> list[jax.Array]:
+        """MTP outputs for depths 1..depth: entry k-1 at position i predicts token i+k+1.
+        hidden is the main model's post-norm_f output [batch, seq, hidden]."""
+        if self.mtp is None:
+            raise ValueError("this model has no MTP head (num_nextn_predict_layers = 0)")
+        outs, h = [], hidden
+        for k in range(1, depth + 1):
+            block = self.mtp[min(k, len(self.mtp)) - 1]
+            h = block(h, self.embeddings(shift_left(input_ids, k)), attention_mask)
+            outs.append(h)
+        return outs
+
+    def forward_with_mtp(self, input_ids: jax.Array, attention_mask: Optional[jax.Array] = None,
+                         depth: Optional[int] = None) -> tuple[jax.Array, list[jax.Array]]:
+        """(main logits [b, t, V], [MTP logits [b, t, V] for depths 1..depth]); see mtp_hidden for the shift."""
+        hidden = self.hidden_states(input_ids, attention_mask)
+        mtp = self.mtp_hidden(hidden, input_ids, depth or self.config.mtp_depth, attention_mask)
+        return self.logits(hidden), [self.logits(h) for h in mtp]
+
 
 def make_forward(model: NemotronH):
     """A jitted fn(input_ids [batch, seq], attention_mask=None) -> logits [batch, seq, vocab] fp32 over the
@@ -89,6 +83,27 @@ def make_forward(model: NemotronH):
         return nnx.merge(graphdef, state)(input_ids, attention_mask)
 
     return lambda input_ids, attention_mask=None: forward(state, input_ids, attention_mask)
+
+
+def abstract_model(cfg: ModelConfig):
+    """(graphdef, state) of a NemotronH with shapes only: no memory is allocated for the weights."""
+    return nnx.split(nnx.eval_shape(lambda: NemotronH(cfg, nnx.Rngs(0))))
+
+
+def materialize(graphdef, state, values: dict) -> NemotronH:
+    """Merges an abstract state with `values` {path: array} for the persistent variables; runtime-only
+    variables (router statistics) start at zero. Missing persistent values are an error."""
+    for path, var in state.flat_state():
+        if path in values:
+            var.set_value(values.pop(path))
+        elif isinstance(var, PERSISTENT):
+            raise KeyError(f"no value for parameter {'.'.join(map(str, path))}")
+        else:
+            abstract = var.get_value()
+            var.set_value(jnp.zeros(abstract.shape, abstract.dtype))
+    if values:
+        raise KeyError(f"values for unknown paths: {sorted(values)[:5]}")
+    return nnx.merge(graphdef, state)
 
 
 def count_params(model: nnx.Module) -> int:

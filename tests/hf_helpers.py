@@ -29,7 +29,14 @@ def build_hf_model(seed: int = 0, dt_bias_mean: float = -3.0, **overrides):
                 p.copy_(1 + 0.3 * torch.randn_like(p))
             else:
                 p.copy_(torch.randn_like(p) * 0.1)
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):   # steers expert choice; make it matter
+                buf.copy_(torch.randn_like(buf) * 0.05)
     return model
+
+
+TINY_MOE = dict(hybrid_override_pattern="ME*E-M", n_routed_experts=8, num_experts_per_tok=2,
+                moe_intermediate_size=24, moe_shared_expert_intermediate_size=40, routed_scaling_factor=1.0)
 
 
 def save_hf_model(model, directory) -> str:

@@ -52,7 +52,8 @@ def test_legacy_hf_keys_are_read():
 def test_layers_block_type_list_with_new_and_legacy_names():
     cfg = ModelConfig.from_hf_dict({"layers_block_type": ["mamba", "mlp", "attention", "linear_attention",
                                                            "full_attention", "moe"],
-                                    "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 8})
+                                    "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 8,
+                                    "moe_shared_expert_intermediate_size": 8})
     assert cfg.pattern == "M-*M*E"
     with pytest.raises(ConfigError, match="unknown layer types.*'conv'"):
         ModelConfig.from_hf_dict({"layers_block_type": ["mamba", "conv"]})
@@ -89,7 +90,20 @@ def test_every_yaml_config_loads_and_published_sizes_match():
         seen.add(name)
         if name in published:
             assert abs(param_count(cfg) / published[name] - 1) < 0.005, (name, param_count(cfg))
-    assert {"tiny", "nemotron_h_4b", "nemotron_h_8b", "nano_v2_9b", "nano_v2_12b"} <= seen
+    assert {"tiny", "nemotron_h_4b", "nemotron_h_8b", "nano_v2_9b", "nano_v2_12b", "nemotron3_nano_30b_a3b",
+            "nemotron3_super_120b_a12b", "tiny_moe"} <= seen
+
+
+def test_nemotron3_totals_match_published():
+    from nemojax.convert.hf import active_param_count
+
+    nano = ModelConfig.from_yaml("configs/nemotron3_nano_30b_a3b.yaml")
+    assert abs(param_count(nano) / 31.6e9 - 1) < 0.005                      # 31.6B total
+    assert abs(active_param_count(nano) / 3.6e9 - 1) < 0.02                 # ~3.6B active (with embeddings)
+    sup = ModelConfig.from_yaml("configs/nemotron3_super_120b_a12b.yaml")
+    assert param_count(sup) == 123_611_033_088                              # checkpoint element count, MTP incl.
+    assert abs(param_count(sup, include_mtp=False) / 120.7e9 - 1) < 0.005
+    assert abs((active_param_count(sup) - 2 * sup.vocab_size * sup.hidden_size) / 12e9 - 1) < 0.05   # 12B active
 
 
 def test_config_is_frozen_and_replace_validates():

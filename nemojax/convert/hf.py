@@ -15,23 +15,26 @@ import dataclasses
 import json
 import logging
 import os
+import re
 from typing import Iterable, Optional
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from nemojax.config import ModelConfig
-from nemojax.model import NemotronH
+from nemojax.model import PERSISTENT, NemotronH, abstract_model, materialize
 
 logger = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 DISK_PREFIX = "backbone."
 PREFIXES = ("backbone.", "model.")
-# Tensors HF itself drops on load; we do not model them yet, so we skip them with a log line.
-IGNORED_PREFIXES = ("mtp.",)
+# MTP tensors in a checkpoint whose config has no MTP head are skipped with a warning (transformers drops them
+# always).
+MTP_PREFIX = "mtp."
+FP32_TENSORS = ("e_score_correction_bias",)   # kept fp32 whatever the checkpoint dtype (as transformers does)
+STACKED_EXPERT = re.compile(r"^(.*\.experts)\.(up_proj|down_proj)(\.weight)?$")
 
 
 class CheckpointError(ValueError):
@@ -40,7 +43,8 @@ class CheckpointError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Piece:
-    """Rows [start, stop) of an HF tensor, stored in our parameter at `path`.
+    """Rows [start, stop) of an HF tensor, stored in our parameter at `path` (at `path`[index] when our
+    parameter stacks several HF tensors, e.g. experts).
 
     kind: 'linear'  HF [out, in]   -> ours [in, out]   (transpose)
           'conv'    HF [C, 1, K]   -> ours [K, C]
@@ -50,6 +54,7 @@ class Piece:
     start: int
     stop: int
     kind: str
+    index: Optional[int] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,33 +78,79 @@ def _split(name: str, shape: tuple, parts: Iterable[tuple[tuple, int]], kind: st
 
 
 def hf_layout(cfg: ModelConfig) -> list[HFTensor]:
-    """Every tensor a HF NemotronH checkpoint of this config holds, with where it lives in our model."""
+    """Every tensor a HF NemotronH checkpoint of this config holds, with where it lives in our model.
+    Names are canonical: backbone tensors without their `backbone.` prefix; `lm_head.*` and `mtp.*` as is."""
     d, v = cfg.hidden_size, cfg.vocab_size
     out = [_whole("embeddings.weight", (v, d), ("embeddings", "embedding"), "copy")]
     for i, ch in enumerate(cfg.pattern):
-        pre, mix = f"layers.{i}.", ("layers", i, "mixer")
-        out.append(_whole(pre + "norm.weight", (d,), ("layers", i, "norm", "weight"), "copy"))
-        if ch == "M":
-            out += _mamba_layout(cfg, pre + "mixer.", mix)
-        elif ch == "*":
-            hd = cfg.head_dim
-            for proj, rows in (("q_proj", cfg.num_attention_heads * hd), ("k_proj", cfg.num_key_value_heads * hd),
-                               ("v_proj", cfg.num_key_value_heads * hd)):
-                out.append(_whole(f"{pre}mixer.{proj}.weight", (rows, d), mix + (proj, "kernel"), "linear"))
-            out.append(_whole(pre + "mixer.o_proj.weight", (d, cfg.num_attention_heads * hd),
-                              mix + ("o_proj", "kernel"), "linear"))
-        elif ch == "-":
-            f = cfg.intermediate_size
-            out.append(_whole(pre + "mixer.up_proj.weight", (f, d), mix + ("up_proj", "kernel"), "linear"))
-            out.append(_whole(pre + "mixer.down_proj.weight", (d, f), mix + ("down_proj", "kernel"), "linear"))
-            if cfg.mlp_bias:
-                out.append(_whole(pre + "mixer.up_proj.bias", (f,), mix + ("up_proj", "bias"), "copy"))
-                out.append(_whole(pre + "mixer.down_proj.bias", (d,), mix + ("down_proj", "bias"), "copy"))
-        else:
-            raise NotImplementedError(f"layer {i} is {ch!r}: MoE conversion is not implemented yet")
+        out += _block_layout(cfg, ch, f"layers.{i}.", ("layers", i))
     out.append(_whole("norm_f.weight", (d,), ("norm_f", "weight"), "copy"))
     if not cfg.tie_word_embeddings:
         out.append(_whole("lm_head.weight", (v, d), ("lm_head", "kernel"), "linear"))
+    # MTP blocks: flat layer j = outer * len(mtp_pattern) + inner; the first layer of a block also holds
+    # enorm/hnorm/eh_proj and the last one final_layernorm (Megatron-Bridge's export).
+    n = len(cfg.mtp_pattern)
+    for outer in range(cfg.num_nextn_predict_layers):
+        ours = ("mtp", outer)
+        first, last = f"mtp.layers.{outer * n}.", f"mtp.layers.{outer * n + n - 1}."
+        out += [_whole(first + "enorm.weight", (d,), ours + ("enorm", "weight"), "copy"),
+                _whole(first + "hnorm.weight", (d,), ours + ("hnorm", "weight"), "copy"),
+                _whole(first + "eh_proj.weight", (d, 2 * d), ours + ("eh_proj", "kernel"), "linear")]
+        for inner, ch in enumerate(cfg.mtp_pattern):
+            out += _block_layout(cfg, ch, f"mtp.layers.{outer * n + inner}.", ours + ("layers", inner))
+        out.append(_whole(last + "final_layernorm.weight", (d,), ours + ("final_layernorm", "weight"), "copy"))
+    return out
+
+
+def _mlp_layout(cfg: ModelConfig, pre: str, ours: tuple, width: int, d: int) -> list[HFTensor]:
+    out = [_whole(pre + "up_proj.weight", (width, d), ours + ("up_proj", "kernel"), "linear"),
+           _whole(pre + "down_proj.weight", (d, width), ours + ("down_proj", "kernel"), "linear")]
+    if cfg.mlp_bias:
+        out += [_whole(pre + "up_proj.bias", (width,), ours + ("up_proj", "bias"), "copy"),
+                _whole(pre + "down_proj.bias", (d,), ours + ("down_proj", "bias"), "copy")]
+    return out
+
+
+def _block_layout(cfg: ModelConfig, ch: str, pre: str, ours: tuple) -> list[HFTensor]:
+    d = cfg.hidden_size
+    mix = ours + ("mixer",)
+    out = [_whole(pre + "norm.weight", (d,), ours + ("norm", "weight"), "copy")]
+    if ch == "M":
+        out += _mamba_layout(cfg, pre + "mixer.", mix)
+    elif ch == "*":
+        hd = cfg.head_dim
+        for proj, rows in (("q_proj", cfg.num_attention_heads * hd), ("k_proj", cfg.num_key_value_heads * hd),
+                           ("v_proj", cfg.num_key_value_heads * hd)):
+            out.append(_whole(f"{pre}mixer.{proj}.weight", (rows, d), mix + (proj, "kernel"), "linear"))
+        out.append(_whole(pre + "mixer.o_proj.weight", (d, cfg.num_attention_heads * hd), mix + ("o_proj", "kernel"),
+                          "linear"))
+    elif ch == "-":
+        out += _mlp_layout(cfg, pre + "mixer.", mix, cfg.intermediate_size, d)
+    elif ch == "E":
+        out += _moe_layout(cfg, pre + "mixer.", mix)
+    else:
+        raise ValueError(f"unknown layer character {ch!r}")
+    return out
+
+
+def _moe_layout(cfg: ModelConfig, pre: str, mix: tuple) -> list[HFTensor]:
+    d, e, i = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
+    width = cfg.moe_latent_size or d
+    out = [_whole(pre + "gate.weight", (e, d), mix + ("gate",), "linear"),
+           _whole(pre + "gate.e_score_correction_bias", (e,), mix + ("e_score_correction_bias",), "copy")]
+    for x in range(e):
+        out.append(HFTensor(f"{pre}experts.{x}.up_proj.weight", (i, width),
+                            (Piece(mix + ("up_proj",), 0, i, "linear", index=x),)))
+        out.append(HFTensor(f"{pre}experts.{x}.down_proj.weight", (width, i),
+                            (Piece(mix + ("down_proj",), 0, width, "linear", index=x),)))
+    out += _mlp_layout(cfg, pre + "shared_experts.", mix + ("shared_experts",),
+                       cfg.moe_shared_expert_intermediate_size, d)
+    if cfg.moe_latent_size:
+        out += [_whole(pre + "fc1_latent_proj.weight", (width, d), mix + ("fc1_latent_proj", "kernel"), "linear"),
+                _whole(pre + "fc2_latent_proj.weight", (d, width), mix + ("fc2_latent_proj", "kernel"), "linear")]
+        if cfg.mlp_bias:
+            out += [_whole(pre + "fc1_latent_proj.bias", (width,), mix + ("fc1_latent_proj", "bias"), "copy"),
+                    _whole(pre + "fc2_latent_proj.bias", (d,), mix + ("fc2_latent_proj", "bias"), "copy")]
     return out
 
 
@@ -181,37 +232,54 @@ def _open(path: str):
         raise CheckpointError(f"cannot read safetensors file {path}: {e}") from e
 
 
-def _scan_headers(files: list[str]) -> dict[str, tuple[str, str, tuple]]:
-    """canonical name -> (file, name in file, shape), from the headers only."""
-    found: dict[str, tuple[str, str, tuple]] = {}
+def _scan_headers(files: list[str]) -> dict[str, tuple]:
+    """canonical name -> (file, name in file, shape, index), from the headers only. A stacked expert tensor
+    (transformers' in-memory `experts.up_proj` [E, out, in]) stands for its E per-expert tensors, each read
+    as one slice (index) of it."""
+    found: dict[str, tuple] = {}
+
+    def add(canon, entry):
+        if canon in found:
+            raise CheckpointError(f"tensor {canon!r} appears twice ({found[canon][0]} and {entry[0]})")
+        found[canon] = entry
+
     for path in files:
         with _open(path) as f:
             for key in f.keys():
                 canon = _canonical(key)
-                if canon in found:
-                    raise CheckpointError(f"tensor {key!r} appears twice ({found[canon][0]} and {path})")
-                found[canon] = (path, key, tuple(f.get_slice(key).get_shape()))
+                shape = tuple(f.get_slice(key).get_shape())
+                stacked = STACKED_EXPERT.match(canon)
+                if stacked and len(shape) == 3:
+                    for e in range(shape[0]):
+                        add(f"{stacked.group(1)}.{e}.{stacked.group(2)}.weight", (path, key, shape[1:], e))
+                else:
+                    add(canon, (path, key, shape, None))
     return found
 
 
-def check_checkpoint(layout: list[HFTensor], found: dict[str, tuple[str, str, tuple]], directory: str) -> None:
+def check_checkpoint(layout: list[HFTensor], found: dict[str, tuple], directory: str, has_mtp: bool) -> None:
     expected = {t.name: t for t in layout}
+    ignorable = () if has_mtp else (MTP_PREFIX,)
     missing = sorted(set(expected) - set(found))
-    unexpected = sorted(n for n in set(found) - set(expected) if not n.startswith(IGNORED_PREFIXES))
+    unexpected = sorted(n for n in set(found) - set(expected) if not (ignorable and n.startswith(ignorable)))
     wrong = sorted(f"{n}: checkpoint {found[n][2]} vs expected {expected[n].shape}"
                    for n in set(expected) & set(found) if found[n][2] != expected[n].shape)
     problems = []
     if missing:
-        problems.append(f"missing tensors ({len(missing)}): {missing}")
+        problems.append(f"missing tensors ({len(missing)}): {_abbreviate(missing)}")
     if unexpected:
-        problems.append(f"unexpected tensors ({len(unexpected)}): {unexpected}")
+        problems.append(f"unexpected tensors ({len(unexpected)}): {_abbreviate(unexpected)}")
     if wrong:
-        problems.append(f"tensors with the wrong shape ({len(wrong)}): {wrong}")
+        problems.append(f"tensors with the wrong shape ({len(wrong)}): {_abbreviate(wrong)}")
     if problems:
         raise CheckpointError(f"checkpoint {directory} does not match its config:\n  " + "\n  ".join(problems))
-    ignored = sorted(n for n in found if n.startswith(IGNORED_PREFIXES))
+    ignored = sorted(n for n in found if ignorable and n.startswith(ignorable))
     if ignored:
-        logger.warning("skipping %d tensors nemojax does not model yet (e.g. %s)", len(ignored), ignored[0])
+        logger.warning("skipping %d MTP tensors: the config has num_nextn_predict_layers = 0", len(ignored))
+
+
+def _abbreviate(names: list[str], limit: int = 40) -> str:
+    return str(names) if len(names) <= limit else f"{names[:limit]} ... and {len(names) - limit} more"
 
 
 def load_hf(directory: str, dtype: str = "float32", dt_clamp: str = "hf", **config_overrides) -> NemotronH:
@@ -221,33 +289,41 @@ def load_hf(directory: str, dtype: str = "float32", dt_clamp: str = "hf", **conf
     dt_clamp='hf' reproduces transformers' logits; 'none' gives NVIDIA's reference behaviour.
     """
     cfg = ModelConfig.from_hf(directory, dt_clamp=dt_clamp, dtype=dtype, param_dtype=dtype, **config_overrides)
-    layout = hf_layout(cfg)
     files = _checkpoint_files(directory)
     found = _scan_headers(files)
-    check_checkpoint(layout, found, directory)
+    if cfg.num_nextn_predict_layers and not any(n.startswith(MTP_PREFIX) for n in found):
+        logger.warning("%s: config.json declares %d MTP layers but the checkpoint has no mtp.* tensors (transformers "
+                       "drops them when re-saving); loading without the MTP head", directory,
+                       cfg.num_nextn_predict_layers)
+        cfg = cfg.replace(num_nextn_predict_layers=0)
+    layout = hf_layout(cfg)
+    check_checkpoint(layout, found, directory, has_mtp=cfg.num_nextn_predict_layers > 0)
 
-    abstract = nnx.eval_shape(lambda: NemotronH(cfg, nnx.Rngs(0)))
-    graphdef, abstract_state = nnx.split(abstract)
-    targets = {path: v for path, v in abstract_state.flat_state()}
-    loaded: dict[tuple, jax.Array] = {}
+    graphdef, abstract_state = abstract_model(cfg)
+    targets = {path: v.get_value() for path, v in abstract_state.flat_state()}
+    loaded: dict[tuple, object] = {}
     by_file: dict[str, list[HFTensor]] = {}
     for t in layout:
         by_file.setdefault(found[t.name][0], []).append(t)
     for path, tensors in by_file.items():
         with _open(path) as f:
             for t in tensors:
+                _, key, _, index = found[t.name]
                 try:
-                    hf = f.get_tensor(found[t.name][1])
+                    hf = f.get_tensor(key) if index is None else f.get_slice(key)[index]
                 except Exception as e:  # safetensors raises its own error type for bad data regions
                     raise CheckpointError(f"corrupt safetensors file {path}: cannot read {t.name}: {e}") from e
                 for piece in t.pieces:
                     target = targets[piece.path]
-                    arr = np.ascontiguousarray(_to_ours(hf, piece)).astype(target.get_value().dtype)
-                    loaded[piece.path] = jnp.asarray(arr)
+                    arr = _to_ours(np.asarray(hf), piece).astype(target.dtype)
+                    if piece.index is None:
+                        loaded[piece.path] = jnp.asarray(arr)
+                    else:   # one slice of a stacked parameter (experts): fill a host buffer, move it once full
+                        buf = loaded.setdefault(piece.path, np.empty(target.shape, target.dtype))
+                        buf[piece.index] = arr
                 del hf
-    for path, var in targets.items():
-        var.set_value(loaded.pop(path))
-    return nnx.merge(graphdef, abstract_state)
+    values = {p: jnp.asarray(v) if isinstance(v, np.ndarray) else v for p, v in loaded.items()}
+    return materialize(graphdef, abstract_state, values)
 
 
 # ---------------------------------------------------------------------------------------------- saving
@@ -263,16 +339,24 @@ def _parse_size(size) -> int:
     return int(s)
 
 
-def save_hf(model: NemotronH, directory: str, max_shard_size="5GB", dtype: Optional[str] = None) -> None:
+def save_hf(model: NemotronH, directory: str, max_shard_size="5GB", dtype: Optional[str] = None,
+            expert_layout: str = "per_expert") -> None:
     """Writes config.json + safetensors (sharded with an index past max_shard_size) in NVIDIA's on-disk
     names, loadable by transformers.NemotronHForCausalLM.from_pretrained. Shards are written one at a time
-    and each file is first written under a temporary name, then renamed, so a crash leaves no half file."""
+    and each file is first written under a temporary name, then renamed, so a crash leaves no half file.
+
+    expert_layout: 'per_expert' (on-disk `experts.{e}.up_proj.weight`, what NVIDIA publishes) or 'stacked'
+    (transformers' in-memory `experts.up_proj` [E, out, in])."""
     from safetensors.numpy import save_file
 
+    if expert_layout not in ("per_expert", "stacked"):
+        raise ValueError(f"expert_layout must be 'per_expert' or 'stacked', got {expert_layout!r}")
     cfg: ModelConfig = model.config
     out_dtype = np.dtype(jnp.dtype(dtype or cfg.param_dtype))
-    params = {path: v for path, v in nnx.state(model, nnx.Param).flat_state()}
+    params = {path: v for path, v in nnx.state(model, PERSISTENT).flat_state()}
     layout = hf_layout(cfg)
+    if expert_layout == "stacked":
+        layout = _stack_experts(layout)
     limit = _parse_size(max_shard_size)
     shards: list[list[HFTensor]] = [[]]
     size = 0
@@ -291,10 +375,14 @@ def save_hf(model: NemotronH, directory: str, max_shard_size="5GB", dtype: Optio
     for fname, tensors in zip(names, shards):
         arrays = {}
         for t in tensors:
-            parts = [_to_hf(np.asarray(params[p.path].get_value()), p.kind) for p in t.pieces]
-            arr = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
-            key = t.name if t.name == "lm_head.weight" else DISK_PREFIX + t.name
-            arrays[key] = np.ascontiguousarray(arr.astype(out_dtype))
+            parts = [_to_hf(_piece_value(params, p), p.kind) for p in t.pieces]
+            if getattr(t, "stacked", False):
+                arr = np.stack(parts, axis=0)
+            else:
+                arr = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+            key = t.name if t.name.startswith(("lm_head.", MTP_PREFIX)) else DISK_PREFIX + t.name
+            dtype_t = np.float32 if t.name.endswith(FP32_TENSORS) else out_dtype
+            arrays[key] = np.ascontiguousarray(arr.astype(dtype_t))
             weight_map[key] = fname
         tmp = os.path.join(directory, fname + ".tmp")
         save_file(arrays, tmp, metadata={"format": "pt"})
@@ -306,6 +394,50 @@ def save_hf(model: NemotronH, directory: str, max_shard_size="5GB", dtype: Optio
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
-def param_count(cfg: ModelConfig) -> int:
+def _piece_value(params: dict, piece: Piece) -> np.ndarray:
+    value = np.asarray(params[piece.path].get_value())
+    return value if piece.index is None else value[piece.index]
+
+
+@dataclasses.dataclass(frozen=True)
+class StackedTensor(HFTensor):
+    stacked: bool = True
+
+
+def _stack_experts(layout: list[HFTensor]) -> list[HFTensor]:
+    """Replaces each layer's per-expert tensors by one stacked tensor `...experts.{up,down}_proj`."""
+    out, groups = [], {}
+    for t in layout:
+        m = re.match(r"^(.*\.experts)\.(\d+)\.(up_proj|down_proj)\.weight$", t.name)
+        if not m:
+            out.append(t)
+            continue
+        name = f"{m.group(1)}.{m.group(3)}"
+        if name not in groups:
+            groups[name] = []
+            out.append(name)
+        groups[name].append(t)
+    result = []
+    for item in out:
+        if isinstance(item, str):
+            members = groups[item]
+            result.append(StackedTensor(item, (len(members),) + members[0].shape,
+                                        tuple(p for m in members for p in m.pieces)))
+        else:
+            result.append(item)
+    return result
+
+
+def param_count(cfg: ModelConfig, include_mtp: bool = True) -> int:
     """Parameter count from shapes alone (no allocation), equal to the HF checkpoint's element count."""
-    return sum(int(np.prod(t.shape)) for t in hf_layout(cfg))
+    return sum(int(np.prod(t.shape)) for t in hf_layout(cfg) if include_mtp or not t.name.startswith(MTP_PREFIX))
+
+
+def active_param_count(cfg: ModelConfig, include_mtp: bool = False) -> int:
+    """Parameters used per token: everything except the routed experts a token does not visit (each MoE layer
+    runs num_experts_per_tok of n_routed_experts). Embedding and lm_head included."""
+    total = param_count(cfg, include_mtp)
+    per_expert = 2 * cfg.moe_intermediate_size * (cfg.moe_latent_size or cfg.hidden_size)
+    moe_layers = cfg.pattern.count("E") + (cfg.mtp_pattern.count("E") * cfg.num_nextn_predict_layers
+                                           if include_mtp else 0)
+    return total - moe_layers * (cfg.n_routed_experts - cfg.num_experts_per_tok) * per_expert

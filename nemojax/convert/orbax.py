@@ -13,12 +13,10 @@ import os
 import shutil
 from typing import Optional
 
-import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from nemojax.config import ModelConfig
-from nemojax.model import NemotronH
+from nemojax.model import PERSISTENT, NemotronH, abstract_model, materialize
 
 CONFIG_FILE = "nemojax_config.json"
 PARAMS_DIR = "params"
@@ -35,7 +33,7 @@ def save_orbax(model: NemotronH, directory: str, force: bool = False) -> None:
             raise FileExistsError(f"{params_dir} already exists; pass force=True (--force) to overwrite")
         shutil.rmtree(params_dir)
     os.makedirs(directory, exist_ok=True)
-    state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    state = nnx.to_pure_dict(nnx.state(model, PERSISTENT))
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(params_dir, state)
         ckptr.wait_until_finished()
@@ -55,27 +53,35 @@ def load_orbax(directory: str, dtype: Optional[str] = None) -> NemotronH:
         raw = json.load(f)
     raw["time_step_limit"] = tuple(float(v) for v in raw["time_step_limit"])
     cfg = ModelConfig.from_dict(raw, what=cfg_file)
-    saved_cfg = cfg
-    abstract = nnx.eval_shape(lambda: NemotronH(saved_cfg, nnx.Rngs(0)))
-    graphdef, abstract_state = nnx.split(abstract)
-    target = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+    graphdef, abstract_state = abstract_model(cfg)
+    target = nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, abstract_state), PERSISTENT))
     with ocp.StandardCheckpointer() as ckptr:
         restored = ckptr.restore(os.path.join(directory, PARAMS_DIR), target)
-    nnx.replace_by_pure_dict(abstract_state, restored)
-    model = nnx.merge(graphdef, abstract_state)
+    model = materialize(graphdef, abstract_state, _flatten(restored))
     if dtype is not None and dtype != cfg.param_dtype:
         model = cast_model(model, dtype)
     return model
 
 
 def cast_model(model: NemotronH, dtype: str) -> NemotronH:
-    """A copy of model with parameters and compute in `dtype`."""
+    """A copy of model with parameters and compute in `dtype` (the MoE correction bias stays fp32)."""
     cfg = model.config.replace(dtype=dtype, param_dtype=dtype)
-    abstract = nnx.eval_shape(lambda: NemotronH(cfg, nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    values = jax.tree.map(lambda a: a.astype(jnp.dtype(dtype)), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    nnx.replace_by_pure_dict(state, values)
-    return nnx.merge(graphdef, state)
+    graphdef, state = abstract_model(cfg)
+    targets = {path: v.get_value().dtype for path, v in state.flat_state()}
+    values = {path: v.get_value().astype(targets[path]) for path, v in nnx.state(model, PERSISTENT).flat_state()}
+    return materialize(graphdef, state, values)
+
+
+def _flatten(tree: dict, prefix: tuple = ()) -> dict:
+    """Nested pure dict -> {path tuple: array}, with list indices as ints (Orbax stores them as strings)."""
+    out = {}
+    for key, value in tree.items():
+        key = int(key) if isinstance(key, str) and key.isdigit() else key
+        if isinstance(value, dict):
+            out.update(_flatten(value, prefix + (key,)))
+        else:
+            out[prefix + (key,)] = value
+    return out
 
 
 def copy_tokenizer_files(src: str, dst: str) -> list[str]:

@@ -1,0 +1,49 @@
+"""Pre-norm residual block h + mixer(RMSNorm(h)) with the mixer chosen by the pattern character."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nemojax.config import ModelConfig
+from nemojax.layers.attention import Attention
+from nemojax.layers.common import dtypes
+from nemojax.layers.mamba2 import Mamba2Mixer
+from nemojax.layers.mlp import MLP
+from nemojax.layers.moe import MoE
+from nemojax.layers.norm import RMSNorm
+
+
+def make_mixer(char: str, cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
+    if char == "M":
+        return Mamba2Mixer(cfg, rngs)
+    if char == "*":
+        return Attention(cfg, rngs)
+    if char == "-":
+        return MLP(cfg, rngs)
+    if char == "E":
+        return MoE(cfg, rngs)
+    raise ValueError(f"unknown layer character {char!r}")
+
+
+class Block(nnx.Module):
+    """h [batch, seq, hidden] -> h + mixer(RMSNorm(h))."""
+
+    def __init__(self, char: str, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.kind = char
+        self.norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon, dtypes(cfg)[1])
+        self.mixer = make_mixer(char, cfg, rngs)
+        self.compute_dtype = dtypes(cfg)[0]
+        # HF keeps the residual stream in the activation dtype; residual_in_fp32 (NVIDIA's option) keeps fp32.
+        self.residual_dtype = jnp.float32 if cfg.residual_in_fp32 else self.compute_dtype
+
+    def __call__(self, h: jax.Array, attention_mask: Optional[jax.Array] = None) -> jax.Array:
+        x = self.norm(h.astype(self.compute_dtype))
+        if self.kind in "M*":
+            y = self.mixer(x, attention_mask=attention_mask)
+        else:
+            y = self.mixer(x)
+        return h.astype(self.residual_dtype) + y.astype(self.residual_dtype)

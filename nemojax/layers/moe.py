@@ -1,0 +1,209 @@
+"""Sigmoid-routed mixture of experts with optional LatentMoE projections (architecture.md §6).
+
+Router (fp32): s = sigmoid(x W^T); the correction bias only steers *which* experts are picked (group-limited
+top-k over s + bias); the weights are the unbiased s of the picked experts, normalised to sum 1
+(norm_topk_prob) and multiplied by routed_scaling_factor. Experts are non-gated relu^2 MLPs; one shared expert
+at full width runs on every token. With moe_latent_size L the routed experts run at width L between
+fc1_latent_proj (D->L) and fc2_latent_proj (L->D).
+
+Expert compute is sparse in FLOPs, with static shapes under jit:
+    'ragged'    tokens sorted by expert, jax.lax.ragged_dot grouped matmuls (dropless; fast on GPU/TPU,
+                lowered densely on CPU)
+    'capacity'  tokens sorted by expert into [experts, capacity, width] slots and one batched matmul; a
+                token past its expert's capacity is dropped from that expert (its shared-expert path stays).
+                capacity_factor=None sizes the slots for the worst case (dropless, exact).
+    'dense'     every expert on every token, weighted by the (mostly zero) routing matrix: the reference.
+    'auto'      ragged on GPU/TPU, capacity on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nemojax.config import ModelConfig
+from nemojax.layers.common import dtypes, linear, output_init_std
+from nemojax.layers.mlp import MLP, relu2
+
+F32 = jnp.float32
+
+
+class ExpertBias(nnx.Variable):
+    """e_score_correction_bias: steers expert selection only; updated by load balancing, not by gradients."""
+
+
+class RouterLoad(nnx.Variable):
+    """Per-expert share of routed assignments in the last forward ([experts], sums to 1), for metrics and the
+    aux-loss-free bias update."""
+
+
+class AuxLoss(nnx.Variable):
+    """Switch-style load-balancing loss of the last forward (scalar), when moe_aux_loss_coef > 0."""
+
+
+class Routing(NamedTuple):
+    weights: jax.Array   # [tokens, k] fp32 combine weights
+    experts: jax.Array   # [tokens, k] int32 expert ids
+    scores: jax.Array    # [tokens, experts] fp32 sigmoid scores (unbiased)
+
+
+def route(x: jax.Array, gate_weight: jax.Array, bias: jax.Array, cfg: ModelConfig) -> Routing:
+    """x [tokens, hidden]; gate_weight [hidden, experts]; bias [experts]."""
+    logits = jnp.dot(x.astype(F32), gate_weight.astype(F32), precision=jax.lax.Precision.HIGHEST)
+    scores = jax.nn.sigmoid(logits)
+    choice = scores + bias.astype(F32)
+    e, ng = cfg.n_routed_experts, cfg.n_group
+    if ng > 1:
+        grouped = choice.reshape(-1, ng, e // ng)
+        group_scores = jax.lax.top_k(grouped, min(2, e // ng))[0].sum(-1)          # [tokens, n_group]
+        _, top_groups = jax.lax.top_k(group_scores, cfg.topk_group)
+        keep = jnp.zeros_like(group_scores, dtype=bool).at[
+            jnp.arange(group_scores.shape[0])[:, None], top_groups].set(True)
+        choice = jnp.where(jnp.repeat(keep, e // ng, axis=1), choice, -jnp.inf)
+    _, experts = jax.lax.top_k(choice, cfg.num_experts_per_tok)
+    weights = jnp.take_along_axis(scores, experts, axis=1)
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+    return Routing(weights * cfg.routed_scaling_factor, experts.astype(jnp.int32), scores)
+
+
+def _expert_mlp_dense(x, up, down):
+    """Every expert on every token: x [t, d] -> [t, experts, d]."""
+    return jnp.einsum("tei,eid->ted", relu2(jnp.einsum("td,edi->tei", x, up)), down)
+
+
+def experts_dense(x, up, down, routing: Routing) -> jax.Array:
+    """Reference: out[t] = sum_j w[t, j] * expert_{e[t, j]}(x[t]), accumulated in fp32. x [t, d] -> [t, d] fp32."""
+    combine = jnp.zeros(routing.scores.shape, F32).at[
+        jnp.arange(x.shape[0])[:, None], routing.experts].add(routing.weights)       # [t, experts]
+    y = _expert_mlp_dense(x, up, down).astype(F32)
+    return jnp.einsum("te,ted->td", combine, y)
+
+
+def _sorted_assignments(routing: Routing, num_experts: int):
+    """Flattens [t, k] assignments and sorts them by expert (stable, so earlier tokens come first)."""
+    t, k = routing.experts.shape
+    flat_expert = routing.experts.reshape(-1)
+    order = jnp.argsort(flat_expert, stable=True)
+    token = (jnp.arange(t * k) // k)[order]
+    expert = flat_expert[order]
+    weight = routing.weights.reshape(-1)[order]
+    counts = jnp.bincount(flat_expert, length=num_experts).astype(jnp.int32)
+    return token, expert, weight, counts
+
+
+def experts_ragged(x, up, down, routing: Routing) -> jax.Array:
+    token, _, weight, counts = _sorted_assignments(routing, up.shape[0])
+    h = relu2(jax.lax.ragged_dot(x[token], up, counts))
+    y = jax.lax.ragged_dot(h, down, counts).astype(F32) * weight[:, None]
+    return jnp.zeros((x.shape[0], down.shape[-1]), F32).at[token].add(y)
+
+
+def capacity_for(tokens: int, k: int, experts: int, capacity_factor: Optional[float]) -> int:
+    if capacity_factor is None:
+        return tokens              # an expert gets each token at most once: exact, never drops
+    return max(1, min(tokens, math.ceil(capacity_factor * tokens * k / experts)))
+
+
+def experts_capacity(x, up, down, routing: Routing, capacity_factor: Optional[float]) -> jax.Array:
+    num_experts = up.shape[0]
+    t, k = routing.experts.shape
+    cap = capacity_for(t, k, num_experts, capacity_factor)
+    token, expert, weight, counts = _sorted_assignments(routing, num_experts)
+    starts = jnp.cumsum(counts) - counts
+    slot = jnp.arange(t * k) - starts[expert]                                     # rank within its expert
+    kept = slot < cap
+    slot = jnp.where(kept, slot, cap)                                             # overflow -> scratch slot
+    buf = jnp.zeros((num_experts, cap + 1, x.shape[-1]), x.dtype).at[expert, slot].set(x[token])
+    h = relu2(jnp.einsum("ecd,edi->eci", buf[:, :cap], up))
+    y = jnp.einsum("eci,eid->ecd", h, down).astype(F32)                           # [experts, cap, d]
+    y = jnp.pad(y, ((0, 0), (0, 1), (0, 0)))[expert, slot] * jnp.where(kept, weight, 0.0)[:, None]
+    return jnp.zeros((t, down.shape[-1]), F32).at[token].add(y)
+
+
+def resolve_impl(impl: str) -> str:
+    if impl != "auto":
+        return impl
+    return "capacity" if jax.default_backend() == "cpu" else "ragged"
+
+
+class MoE(nnx.Module):
+    """x [batch, seq, hidden] -> [batch, seq, hidden]."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, d_model: Optional[int] = None):
+        self.cfg = cfg
+        d = d_model or cfg.hidden_size
+        e, i = cfg.n_routed_experts, cfg.moe_intermediate_size
+        width = cfg.moe_latent_size or d
+        _, param_dtype = dtypes(cfg)
+        init = nnx.initializers.normal(cfg.initializer_range)
+        self.gate = nnx.Param(init(rngs.params(), (d, e), param_dtype))               # HF gate.weight [E, D]
+        self.e_score_correction_bias = ExpertBias(jnp.zeros((e,), F32))
+        self.up_proj = nnx.Param(init(rngs.params(), (e, width, i), param_dtype))
+        self.down_proj = nnx.Param(nnx.initializers.normal(output_init_std(cfg))(rngs.params(), (e, i, width),
+                                                                                 param_dtype))
+        self.shared_experts = MLP(cfg, rngs, intermediate_size=cfg.moe_shared_expert_intermediate_size, d_model=d)
+        if cfg.moe_latent_size:
+            self.fc1_latent_proj = linear(cfg, d, cfg.moe_latent_size, rngs, bias=cfg.mlp_bias)
+            self.fc2_latent_proj = linear(cfg, cfg.moe_latent_size, d, rngs, bias=cfg.mlp_bias,
+                                          std=output_init_std(cfg))
+        else:
+            self.fc1_latent_proj = self.fc2_latent_proj = None
+        self.router_load = RouterLoad(jnp.zeros((e,), F32))
+        self.aux_loss = AuxLoss(jnp.zeros((), F32))
+
+    def __call__(self, x: jax.Array, impl: Optional[str] = None) -> jax.Array:
+        cfg = self.cfg
+        compute = dtypes(cfg)[0]
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        routing = route(flat, self.gate[...], self.e_score_correction_bias[...], cfg)
+        self._record_stats(routing)
+        h = flat if self.fc1_latent_proj is None else self.fc1_latent_proj(flat)
+        up, down = self.up_proj[...].astype(compute), self.down_proj[...].astype(compute)
+        impl = resolve_impl(impl or cfg.moe_impl)
+        if impl == "dense":
+            y = experts_dense(h, up, down, routing)
+        elif impl == "ragged":
+            y = experts_ragged(h, up, down, routing)
+        elif impl == "capacity":
+            y = experts_capacity(h, up, down, routing, cfg.moe_capacity_factor)
+        else:
+            raise ValueError(f"unknown moe_impl {impl!r}")
+        y = y.astype(compute)                                  # fp32 accumulation, cast before fc2 (as HF)
+        if self.fc2_latent_proj is not None:
+            y = self.fc2_latent_proj(y)
+        return (y + self.shared_experts(x.reshape(-1, shape[-1]))).reshape(shape)
+
+    def _record_stats(self, routing: Routing) -> None:
+        e = self.cfg.n_routed_experts
+        counts = jnp.zeros((e,), F32).at[routing.experts.reshape(-1)].add(1.0)
+        load = counts / counts.sum()
+        self.router_load[...] = jax.lax.stop_gradient(load)
+        if self.cfg.moe_aux_loss_coef > 0:
+            # Switch/DeepSeek sequence-agnostic balance loss: E * sum_e load_e * mean normalised score_e.
+            probs = routing.scores / routing.scores.sum(-1, keepdims=True)
+            self.aux_loss[...] = self.cfg.moe_aux_loss_coef * e * jnp.sum(jax.lax.stop_gradient(load) *
+                                                                          probs.mean(0))
+
+
+def update_expert_bias(model: nnx.Module, rate: float) -> None:
+    """Aux-loss-free balancing (DeepSeek-V3, used by Nemotron 3): after a step, raise the correction bias of
+    under-loaded experts and lower it for over-loaded ones by `rate` * sign(mean load - load)."""
+    for _, moe in model.iter_modules():
+        if isinstance(moe, MoE):
+            load = moe.router_load[...]
+            moe.e_score_correction_bias[...] = moe.e_score_correction_bias[...] + rate * jnp.sign(load.mean() - load)
+
+
+def moe_aux_loss(model: nnx.Module) -> jax.Array:
+    """Sum of the MoE layers' load-balancing losses from the last forward (0 when disabled)."""
+    total = jnp.zeros((), F32)
+    for _, moe in model.iter_modules():
+        if isinstance(moe, MoE):
+            total = total + moe.aux_loss[...]
+    return total

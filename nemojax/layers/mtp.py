@@ -1,0 +1,47 @@
+"""Multi-token prediction block of Nemotron 3 (architecture.md §11, DeepSeek-V3 style).
+
+For depth k, position i combines the model's representation of token i with the embedding of token i+k and
+predicts token i+k+1:
+    h' = eh_proj([enorm(Embed(t_{i+k})), hnorm(h^{k-1}_i)])        # embedding first
+    h' = blocks of mtp_pattern (e.g. '*E'), ordinary pre-norm residual blocks
+    h^k = final_layernorm(h');  logits = lm_head(h^k)               # embedding and lm_head shared
+h^0 is the main model's output after norm_f (what Megatron hands its MTP block and vLLM its drafter);
+deeper steps feed back h^k. Depths beyond the number of blocks reuse the last block (Megatron's
+mtp_use_repeated_layer).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nemojax.config import ModelConfig
+from nemojax.layers.block import Block
+from nemojax.layers.common import dtypes, linear
+from nemojax.layers.norm import RMSNorm
+
+
+class MTPBlock(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, param = cfg.hidden_size, dtypes(cfg)[1]
+        self.enorm = RMSNorm(d, cfg.layer_norm_epsilon, param)
+        self.hnorm = RMSNorm(d, cfg.layer_norm_epsilon, param)
+        self.eh_proj = linear(cfg, 2 * d, d, rngs)
+        self.layers = nnx.List([Block(c, cfg, rngs) for c in cfg.mtp_pattern])
+        self.final_layernorm = RMSNorm(d, cfg.layer_norm_epsilon, param)
+
+    def __call__(self, hidden: jax.Array, next_embeds: jax.Array,
+                 attention_mask: Optional[jax.Array] = None) -> jax.Array:
+        """hidden, next_embeds [batch, seq, hidden] -> [batch, seq, hidden]."""
+        x = self.eh_proj(jnp.concatenate([self.enorm(next_embeds), self.hnorm(hidden)], axis=-1))
+        for block in self.layers:
+            x = block(x, attention_mask)
+        return self.final_layernorm(x)
+
+
+def shift_left(ids: jax.Array, k: int, fill: int = 0) -> jax.Array:
+    """ids [batch, seq] -> ids[:, i + k] at position i, `fill` past the end."""
+    return jnp.concatenate([ids[:, k:], jnp.full((ids.shape[0], k), fill, ids.dtype)], axis=1)

@@ -1,0 +1,1 @@
+"""Training pieces. loss.py: next-token and multi-token-prediction losses."""
