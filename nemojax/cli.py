@@ -1,10 +1,12 @@
-"""Command line: `nemojax convert hf-to-orbax|orbax-to-hf SRC DST`, `nemojax info`, `nemojax demo`."""
+"""Command line: `nemojax convert hf-to-orbax|orbax-to-hf SRC DST`, `nemojax generate`, `nemojax info`,
+`nemojax demo`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from typing import Optional
 
 
 def _cmd_convert(args) -> int:
@@ -67,6 +69,55 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def load_model(path: str, dtype: Optional[str] = None):
+    """An HF checkpoint directory (config.json + safetensors) or a nemojax Orbax directory."""
+    import os
+
+    from nemojax.convert.hf import load_hf
+    from nemojax.convert.orbax import CONFIG_FILE, load_orbax
+
+    if os.path.isfile(os.path.join(path, CONFIG_FILE)):
+        return load_orbax(path, dtype=dtype)
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return load_hf(path, dtype=dtype or "float32")
+    raise FileNotFoundError(f"{path} is neither an HF checkpoint (config.json) nor a nemojax Orbax checkpoint")
+
+
+def _cmd_generate(args) -> int:
+    from nemojax.generate import stream_generate
+    from nemojax.tokenizer import load_tokenizer
+
+    model = load_model(args.model, args.dtype)
+    cfg = model.config
+    tok = load_tokenizer(args.model, cfg.bos_token_id, cfg.stop_token_ids[0] if cfg.stop_token_ids else None)
+    prompt = tok.encode(args.prompt)
+    if max(prompt) >= cfg.vocab_size:
+        raise ValueError(f"the tokenizer produced id {max(prompt)} >= the model's vocab_size {cfg.vocab_size}")
+    stops = () if args.ignore_eos else cfg.stop_token_ids
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    generated, printed, t0, t_first = [], "", time.perf_counter(), None
+    for tokens in stream_generate(model, [prompt], args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                                  stops, args.seed):
+        if t_first is None:
+            t_first = time.perf_counter()
+        token = int(tokens[0])
+        if token in stops:
+            break
+        generated.append(token)
+        text = tok.decode(generated)
+        if not text.endswith("\ufffd"):        # hold back a multi-byte character until it is complete
+            sys.stdout.write(text[len(printed):])
+            sys.stdout.flush()
+            printed = text
+    sys.stdout.write(tok.decode(generated)[len(printed):])
+    t1 = time.perf_counter()
+    decode_rate = (len(generated) - 1) / (t1 - t_first) if len(generated) > 1 else float("nan")
+    print(f"\n[{len(generated)} tokens; prefill + first token {t_first - t0:.2f}s; decode {decode_rate:.1f} tok/s]",
+          file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nemojax", description="Nemotron-H hybrid Mamba-Transformer models in JAX")
     sub = p.add_subparsers(dest="command", required=True)
@@ -86,6 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="print layer counts and parameter count of a config (YAML or HF dir)")
     i.add_argument("--config", default="configs/tiny.yaml")
     i.set_defaults(func=_cmd_info)
+
+    g = sub.add_parser("generate", help="stream a completion from an HF or Orbax checkpoint")
+    g.add_argument("--model", required=True, help="HF checkpoint dir or nemojax Orbax dir")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    g.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's eos token(s)")
+    g.set_defaults(func=_cmd_generate)
 
     d = sub.add_parser("demo", help="forward pass of a randomly initialised model")
     d.add_argument("--config", default="configs/tiny.yaml")

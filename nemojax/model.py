@@ -51,6 +51,25 @@ class NemotronH(nnx.Module):
     def __call__(self, input_ids: jax.Array, attention_mask: Optional[jax.Array] = None) -> jax.Array:
         return self.logits(self.hidden_states(input_ids, attention_mask))
 
+    def forward_cached(self, input_ids: jax.Array, cache, attention_mask: Optional[jax.Array] = None,
+                       prefill: bool = False, all_states: bool = False):
+        """Appends input_ids [batch, t] at cache.pos. prefill=True requires an empty cache (static position 0,
+        blocked attention over the new tokens). Returns (logits [b, t, V] fp32, hidden [b, t, D], new cache).
+        all_states: Mamba entries of the returned cache hold the state after every new position."""
+        from nemojax.cache import HybridCache
+
+        b, t = input_ids.shape
+        mask = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
+        pos = 0 if prefill else cache.pos
+        key_valid = jax.lax.dynamic_update_slice(cache.key_valid, mask.astype(bool), (0, pos))
+        h = self.embeddings(input_ids)
+        entries = []
+        for block, entry in zip(self.layers, cache.layers):
+            h, entry = block.cached(h, entry, mask, pos, key_valid, all_states)
+            entries.append(entry)
+        hidden = self.norm_f(h.astype(dtypes(self.config)[0]))
+        return self.logits(hidden), hidden, HybridCache(tuple(entries), key_valid, cache.pos + t)
+
     def mtp_hidden(self, hidden: jax.Array, input_ids: jax.Array, depth: int,
                    attention_mask: Optional[jax.Array] = None) -> list[jax.Array]:
         """MTP outputs for depths 1..depth: entry k-1 at position i predicts token i+k+1.

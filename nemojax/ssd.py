@@ -70,8 +70,9 @@ def _skip(y: Array, x: Array, D: Optional[Array]) -> Array:
 
 
 def ssd_naive(x: Array, dt: Array, A: Array, B: Array, C: Array, D: Optional[Array] = None,
-              initial_state: Optional[Array] = None) -> tuple[Array, Array]:
-    """Reference: the recurrence one token at a time. Returns (y [b,t,h,p] fp32, final state [b,h,p,n])."""
+              initial_state: Optional[Array] = None, return_all_states: bool = False) -> tuple[Array, Array]:
+    """Reference: the recurrence one token at a time. Returns (y [b,t,h,p] fp32, final state [b,h,p,n]), or
+    with return_all_states the state after every token [b,t,h,p,n] in place of the final one."""
     h, g, _ = _check_shapes(x, dt, A, B, C)
     b, _, _, p = x.shape
     n = B.shape[-1]
@@ -85,12 +86,14 @@ def ssd_naive(x: Array, dt: Array, A: Array, B: Array, C: Array, D: Optional[Arr
         decay = jnp.exp(dt_t * A)[:, :, None, None]
         state = decay * state + (dt_t[:, :, None] * x_t)[..., None] * B_h[:, :, None, :]
         y_t = jnp.einsum("bhpn,bhn->bhp", state, C_h)
-        return state, y_t
+        return state, (y_t, state) if return_all_states else y_t
 
     xs = tuple(jnp.moveaxis(a.astype(F32), 1, 0) for a in (x, dt, B, C))
-    final, ys = jax.lax.scan(step, state0, xs)
-    y = jnp.moveaxis(ys, 0, 1)
-    return _skip(y, x.astype(F32), D), final
+    final, outs = jax.lax.scan(step, state0, xs)
+    if return_all_states:
+        ys, states = outs
+        return _skip(jnp.moveaxis(ys, 0, 1), x.astype(F32), D), jnp.moveaxis(states, 0, 1)
+    return _skip(jnp.moveaxis(outs, 0, 1), x.astype(F32), D), final
 
 
 def ssd_associative(x: Array, dt: Array, A: Array, B: Array, C: Array, D: Optional[Array] = None,

@@ -87,8 +87,21 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         return q, k, v
 
-    def __call__(self, x: jax.Array, attention_mask: Optional[jax.Array] = None) -> jax.Array:
+    def __call__(self, x: jax.Array, attention_mask: Optional[jax.Array] = None, cache=None, pos=None,
+                 key_valid: Optional[jax.Array] = None):
+        """Without cache: causal self-attention over x. With cache (KVCache) the t new tokens are written at
+        positions [pos, pos + t) and attend to every valid cached position up to their own; key_valid
+        [batch, max_len] already includes the new tokens. pos given as a Python int 0 (prefill) takes the
+        blocked path over the new keys only. Returns out, or (out, new cache) when a cache is given."""
         b, t, _ = x.shape
         q, k, v = self.project_qkv(x)
-        out = gqa_attention(q, k, v, key_mask=attention_mask)
-        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+        if cache is None:
+            out = gqa_attention(q, k, v, key_mask=attention_mask)
+            return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+        k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, pos, 0, 0))
+        v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, pos, 0, 0))
+        if isinstance(pos, int) and pos == 0:
+            out = gqa_attention(q, k, v, key_mask=key_valid[:, :t])
+        else:
+            out = gqa_attention(q, k_all, v_all, key_mask=key_valid, q_positions=pos + jnp.arange(t))
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), type(cache)(k_all, v_all)

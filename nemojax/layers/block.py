@@ -47,3 +47,18 @@ class Block(nnx.Module):
         else:
             y = self.mixer(x)
         return h.astype(self.residual_dtype) + y.astype(self.residual_dtype)
+
+    def cached(self, h: jax.Array, entry, attention_mask: jax.Array, pos, key_valid: jax.Array,
+               all_states: bool = False):
+        """Like __call__, continuing from this layer's cache entry; returns (h, new entry)."""
+        x = self.norm(h.astype(self.compute_dtype))
+        if self.kind == "M":
+            y, entry = self.mixer(x, attention_mask=attention_mask, state=entry, return_state=True,
+                                  all_states=all_states)
+        elif self.kind == "*":
+            y, entry = self.mixer(x, cache=entry, pos=pos, key_valid=key_valid)
+        elif self.kind == "E":
+            y = self.mixer(x, record_stats=False)
+        else:
+            y = self.mixer(x)
+        return h.astype(self.residual_dtype) + y.astype(self.residual_dtype), entry

@@ -105,9 +105,13 @@ class Mamba2Mixer(nnx.Module):
         return dt
 
     def __call__(self, x: jax.Array, attention_mask: Optional[jax.Array] = None,
-                 state: Optional[MambaState] = None, return_state: bool = False):
+                 state: Optional[MambaState] = None, return_state: bool = False, all_states: bool = False):
         """x [batch, seq, hidden]; attention_mask [batch, seq] (1 = real token) zeroes padded positions
-        before the projections and after the conv, as HF does. state continues a previous segment."""
+        before the projections and after the conv, as HF does. state continues a previous segment.
+
+        all_states=True (with return_state) returns, instead of the final state, the states after every
+        position: conv prefixes [batch, seq, K-1, ch] and ssm [batch, seq, heads, head_dim, state] (for
+        rolling back speculative tokens)."""
         cfg = self.cfg
         b, t, _ = x.shape
         h, p, g, n = cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.n_groups, cfg.ssm_state_size
@@ -124,12 +128,35 @@ class Mamba2Mixer(nnx.Module):
             xs, B, C = xs * m32, B * m32, C * m32
         dt = self.discretize_dt(self.in_proj_dt(x), prefill=t > 1)
         A = -jnp.exp(self.A_log[...].astype(F32))
-        y, ssm_state = ssd_lib.ssd(
-            xs.reshape(b, t, h, p), dt, A, B.reshape(b, t, g, n), C.reshape(b, t, g, n),
-            D=self.D[...].astype(F32), initial_state=None if state is None else state.ssm,
-            chunk_size=cfg.chunk_size, impl=cfg.ssd_impl)
+        D = self.D[...].astype(F32)
+        x4, B4, C4 = xs.reshape(b, t, h, p), B.reshape(b, t, g, n), C.reshape(b, t, g, n)
+        init = None if state is None else state.ssm
+        if all_states:
+            y, ssm_state = ssd_lib.ssd_naive(x4, dt, A, B4, C4, D, init, return_all_states=True)
+        elif t == 1 and state is not None:      # decode: the one-token recurrence, no chunking
+            y, ssm_state = ssd_lib.ssd_step(state.ssm, x4[:, 0], dt[:, 0], A, B4[:, 0], C4[:, 0], D)
+            y = y[:, None]
+        else:
+            y, ssm_state = ssd_lib.ssd(x4, dt, A, B4, C4, D=D, initial_state=init, chunk_size=cfg.chunk_size,
+                                       impl=cfg.ssd_impl)
         y = self.norm(y.reshape(b, t, h * p), z)                          # fp32
         out = self.out_proj(y.astype(dtypes(cfg)[0]))
-        if return_state:
-            return out, MambaState(new_cx, new_cB, new_cC, ssm_state)
-        return out
+        if not return_state:
+            return out
+        if all_states:
+            windows = [self._prefix_windows(c, proj(x), state_c) for c, proj, state_c in (
+                (self.conv_x, self.in_proj_x, None if state is None else state.conv_x),
+                (self.conv_B, self.in_proj_B, None if state is None else state.conv_B),
+                (self.conv_C, self.in_proj_C, None if state is None else state.conv_C))]
+            return out, MambaState(*windows, ssm_state)
+        return out, MambaState(new_cx, new_cB, new_cC, ssm_state)
+
+    @staticmethod
+    def _prefix_windows(conv: "CausalDepthwiseConv", inputs: jax.Array, prefix: Optional[jax.Array]) -> jax.Array:
+        """Conv prefix after each position: [batch, seq, K-1, channels]."""
+        b, t, c = inputs.shape
+        k = conv.kernel - 1
+        if prefix is None:
+            prefix = jnp.zeros((b, k, c), inputs.dtype)
+        full = jnp.concatenate([prefix.astype(inputs.dtype), inputs], axis=1)          # [b, k + t, c]
+        return jnp.stack([full[:, i + 1:i + 1 + k] for i in range(t)], axis=1)

@@ -156,13 +156,16 @@ class MoE(nnx.Module):
         self.router_load = RouterLoad(jnp.zeros((e,), F32))
         self.aux_loss = AuxLoss(jnp.zeros((), F32))
 
-    def __call__(self, x: jax.Array, impl: Optional[str] = None) -> jax.Array:
+    def __call__(self, x: jax.Array, impl: Optional[str] = None, record_stats: bool = True) -> jax.Array:
+        """record_stats=False skips router_load / aux_loss (inference: inside decode loops the variables
+        belong to another trace level)."""
         cfg = self.cfg
         compute = dtypes(cfg)[0]
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         routing = route(flat, self.gate[...], self.e_score_correction_bias[...], cfg)
-        self._record_stats(routing)
+        if record_stats:
+            self._record_stats(routing)
         h = flat if self.fc1_latent_proj is None else self.fc1_latent_proj(flat)
         up, down = self.up_proj[...].astype(compute), self.down_proj[...].astype(compute)
         impl = resolve_impl(impl or cfg.moe_impl)

@@ -1,0 +1,151 @@
+"""Generation: jitted prefill, then one compiled decode loop (lax.while_loop) with greedy / temperature /
+top-k / top-p sampling and stop tokens; a streaming variant; and MTP speculative decoding (speculative.py).
+
+Prompts of different lengths are left-padded to a common length with an attention mask: padded tokens leave
+the Mamba states at zero and are masked as attention keys, so each row generates as if alone.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Iterator, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from nemojax.cache import init_cache
+from nemojax.model import NemotronH
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists of different lengths -> (ids [batch, max_len] int32, mask [batch, max_len] int32)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), pad_id, np.int32)
+    mask = np.zeros((len(prompts), width), np.int32)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = p
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+def sample(logits: jax.Array, key: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
+    """logits [batch, vocab] fp32 -> token ids [batch]. temperature 0 is greedy."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # keep the smallest set whose mass reaches top_p (always at least the top token)
+        keep_sorted = jnp.cumsum(probs, axis=-1) - probs < top_p
+        cutoff = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p",
+                                             "stop_tokens", "pad_id"))
+def _generate(graphdef, state, ids, mask, key, *, max_new_tokens, temperature, top_k, top_p, stop_tokens, pad_id):
+    model = nnx.merge(graphdef, state)
+    b, p = ids.shape
+    cache = init_cache(model.config, b, p + max_new_tokens)
+    logits, _, cache = model.forward_cached(ids, cache, mask, prefill=True)
+    key, sub = jax.random.split(key)
+    first = sample(logits[:, -1], sub, temperature, top_k, top_p)
+    stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
+    out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
+    done = jnp.isin(first, stops)
+
+    def cond(carry):
+        step, _, _, done, _ = carry
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        step, cache, out, done, key = carry
+        last = out[:, step - 1]
+        logits, _, cache = model.forward_cached(last[:, None], cache)
+        key, sub = jax.random.split(key)
+        tok = jnp.where(done, pad_id, sample(logits[:, -1], sub, temperature, top_k, top_p))
+        out = out.at[:, step].set(tok)
+        return step + 1, cache, out, done | jnp.isin(tok, stops), key
+
+    _, _, out, _, _ = jax.lax.while_loop(cond, body, (jnp.asarray(1), cache, out, done, key))
+    return out
+
+
+def _prepare(input_ids, attention_mask, pad_id):
+    if isinstance(input_ids, (list, tuple)) and input_ids and isinstance(input_ids[0], (list, tuple, np.ndarray)):
+        if attention_mask is not None:
+            raise ValueError("pass either token lists (padded for you) or ids with an attention_mask, not both")
+        return left_pad(input_ids, pad_id)
+    ids = np.asarray(input_ids, np.int32)
+    if ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, seq] or a list of token lists, got shape {ids.shape}")
+    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
+    if (mask[:, -1] == 0).any():
+        raise ValueError("prompts must be left-padded: the last position of every row must be a real token")
+    return ids, mask
+
+
+def generate(model: NemotronH, input_ids, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, stop_tokens: Optional[Sequence[int]] = None, seed: int = 0,
+             attention_mask=None) -> np.ndarray:
+    """Returns [batch, prompt_len + max_new_tokens] int32: the (left-padded) prompt followed by the new tokens;
+    after a stop token a row continues with pad tokens. input_ids: [batch, seq] (left-padded, with
+    attention_mask) or a list of token lists of any lengths."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(f"bad sampling settings: temperature={temperature}, top_k={top_k}, top_p={top_p}")
+    pad_id = model.config.pad_token_id or 0
+    ids, mask = _prepare(input_ids, attention_mask, pad_id)
+    graphdef, state = nnx.split(model)
+    new = _generate(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(seed),
+                    max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
+                    top_p=float(top_p), stop_tokens=tuple(int(t) for t in (stop_tokens or ())), pad_id=pad_id)
+    return np.concatenate([ids, np.asarray(new)], axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_len"))
+def _prefill(graphdef, state, ids, mask, max_len):
+    model = nnx.merge(graphdef, state)
+    cache = init_cache(model.config, ids.shape[0], max_len)
+    logits, _, cache = model.forward_cached(ids, cache, mask, prefill=True)
+    return logits[:, -1], cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _decode_step(graphdef, state, tokens, cache):
+    logits, _, cache = nnx.merge(graphdef, state).forward_cached(tokens[:, None], cache)
+    return logits[:, -1], cache
+
+
+def stream_generate(model: NemotronH, input_ids, max_new_tokens: int = 32, temperature: float = 0.0,
+                    top_k: int = 0, top_p: float = 1.0, stop_tokens: Optional[Sequence[int]] = None, seed: int = 0,
+                    attention_mask=None) -> Iterator[np.ndarray]:
+    """Yields each step's tokens [batch] as they are produced (one compiled step, reused every token).
+    Stops when every row has produced a stop token or max_new_tokens is reached."""
+    pad_id = model.config.pad_token_id or 0
+    ids, mask = _prepare(input_ids, attention_mask, pad_id)
+    graphdef, state = nnx.split(model)
+    logits, cache = _prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), ids.shape[1] + max_new_tokens)
+    key = jax.random.key(seed)
+    done = np.zeros(ids.shape[0], bool)
+    stops = set(int(t) for t in (stop_tokens or ()))
+    for step in range(max_new_tokens):
+        key, sub = jax.random.split(key)
+        tok = np.where(done, pad_id, np.asarray(sample(logits, sub, temperature, top_k, top_p)))
+        yield tok
+        done |= np.isin(tok, list(stops)) if stops else False
+        if done.all() or step == max_new_tokens - 1:
+            return
+        logits, cache = _decode_step(graphdef, state, jnp.asarray(tok), cache)
