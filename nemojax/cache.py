@@ -3,7 +3,8 @@
 Per layer, aligned with the pattern:
     'M'  MambaState: conv prefixes (the last conv_kernel-1 pre-conv inputs of x, B, C) [batch, K-1, channels]
          and the fp32 SSM state [batch, heads, head_dim, state]. Its size does not depend on sequence length.
-    '*'  KVCache: preallocated k, v [batch, max_len, kv_heads, head_dim].
+    '*'  KVCache: preallocated k, v [batch, kv_heads, max_len, head_dim] (head-major, so a decode step reads
+         it without transposing).
     '-', 'E'  None (stateless).
 key_valid [batch, max_len] marks the written, non-padding positions; pos is the number of positions written.
 Rows of a batch share `pos`: prompts are left-padded, and padded tokens leave the Mamba states at exactly zero
@@ -24,7 +25,7 @@ F32 = jnp.float32
 
 
 class KVCache(NamedTuple):
-    k: jax.Array   # [batch, max_len, kv_heads, head_dim]
+    k: jax.Array   # [batch, kv_heads, max_len, head_dim]
     v: jax.Array
 
 
@@ -41,7 +42,7 @@ def init_layer_cache(char: str, cfg: ModelConfig, batch: int, max_len: int, dtyp
                           jnp.zeros((batch, k, gn), dtype),
                           jnp.zeros((batch, cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size), F32))
     if char == "*":
-        shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
     return None
 

@@ -126,7 +126,8 @@ class Mamba2Mixer(nnx.Module):
         if mask is not None:
             m32 = mask.astype(F32)
             xs, B, C = xs * m32, B * m32, C * m32
-        dt = self.discretize_dt(self.in_proj_dt(x), prefill=t > 1)
+        # all_states marks a speculative verification pass: decode semantics, so no HF prefill-only clamp.
+        dt = self.discretize_dt(self.in_proj_dt(x), prefill=t > 1 and not all_states)
         A = -jnp.exp(self.A_log[...].astype(F32))
         D = self.D[...].astype(F32)
         x4, B4, C4 = xs.reshape(b, t, h, p), B.reshape(b, t, g, n), C.reshape(b, t, g, n)

@@ -42,6 +42,23 @@ class MTPBlock(nnx.Module):
         return self.final_layernorm(x)
 
 
+    def forward_cached(self, hidden: jax.Array, next_embeds: jax.Array, cache, mask: jax.Array, pos,
+                       prefill: bool = False):
+        """The MTP block as a small causal model with its own HybridCache (pattern mtp_pattern): positions
+        [pos, pos + t). Returns (output [b, t, hidden], new cache with pos + t)."""
+        from nemojax.cache import HybridCache
+
+        t = hidden.shape[1]
+        p = 0 if prefill else pos
+        key_valid = jax.lax.dynamic_update_slice(cache.key_valid, mask.astype(bool), (0, p))
+        x = self.eh_proj(jnp.concatenate([self.enorm(next_embeds), self.hnorm(hidden)], axis=-1))
+        entries = []
+        for block, entry in zip(self.layers, cache.layers):
+            x, entry = block.cached(x, entry, mask.astype(jnp.int32), p, key_valid)
+            entries.append(entry)
+        return self.final_layernorm(x), HybridCache(tuple(entries), key_valid, jnp.asarray(p + t, jnp.int32))
+
+
 def shift_left(ids: jax.Array, k: int, fill: int = 0) -> jax.Array:
     """ids [batch, seq] -> ids[:, i + k] at position i, `fill` past the end."""
     return jnp.concatenate([ids[:, k:], jnp.full((ids.shape[0], k), fill, ids.dtype)], axis=1)
