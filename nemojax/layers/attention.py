@@ -73,6 +73,29 @@ def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: Optional[j
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd).astype(q.dtype)
 
 
+def decode_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
+                     key_valid: jax.Array, pos) -> jax.Array:
+    """One new token per row attending to the cached positions < pos and to itself.
+
+    q [b, 1, heads, hd]; k_new, v_new [b, 1, kv_heads, hd]; cache_k/v [b, kv_heads, max_len, hd] *before* this
+    token is written; key_valid [b, max_len]. The new key is scored as an extra column instead of reading the
+    cache after writing it: reading the updated cache in the same step made XLA copy the whole cache every
+    decode step (3.6 ms vs 0.6 ms per layer at 8K context on CPU).
+    """
+    b, _, h, hd = q.shape
+    kvh, s = cache_k.shape[1], cache_k.shape[2]
+    r = h // kvh
+    qg = (q[:, 0].astype(F32) * hd ** -0.5).astype(q.dtype).reshape(b, kvh, r, hd)
+    scores = jnp.einsum("bkrd,bksd->bkrs", qg, cache_k, preferred_element_type=F32)
+    allowed = (key_valid.astype(bool) & (jnp.arange(s)[None, :] < pos))[:, None, None, :]
+    scores = jnp.where(allowed, scores, jnp.finfo(F32).min)
+    own = jnp.einsum("bkrd,bkd->bkr", qg, k_new[:, 0], preferred_element_type=F32)[..., None]
+    probs = jax.nn.softmax(jnp.concatenate([scores, own], axis=-1), axis=-1)
+    out = jnp.einsum("bkrs,bksd->bkrd", probs[..., :s].astype(cache_v.dtype), cache_v, preferred_element_type=F32)
+    out = out + probs[..., s:] * v_new[:, 0, :, None, :].astype(F32)
+    return out.reshape(b, 1, h, hd).astype(q.dtype)
+
+
 class Attention(nnx.Module):
     """x [batch, seq, hidden] -> [batch, seq, hidden]; q_proj [hidden, heads*hd], k/v_proj [hidden, kv*hd]."""
 
@@ -107,9 +130,11 @@ class Attention(nnx.Module):
         # the cache is head-major [batch, kv_heads, max_len, head_dim]
         k_all = jax.lax.dynamic_update_slice(cache.k, k.transpose(0, 2, 1, 3).astype(cache.k.dtype), (0, 0, pos, 0))
         v_all = jax.lax.dynamic_update_slice(cache.v, v.transpose(0, 2, 1, 3).astype(cache.v.dtype), (0, 0, pos, 0))
-        if isinstance(pos, int) and pos == 0:
+        if t == 1:                                            # decode: reads the cache as it was before the write
+            out = decode_attention(q, k, v, cache.k, cache.v, key_valid, pos)
+        elif isinstance(pos, int) and pos == 0:               # prefill: blocked attention over the new keys
             out = gqa_attention(q, k, v, key_mask=key_valid[:, :t])
-        else:
+        else:                                                 # a chunk continuing a cache (speculative verify)
             out = gqa_attention(q, k_all, v_all, key_mask=key_valid, q_positions=pos + jnp.arange(t),
                                 kv_heads_first=True)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), type(cache)(k_all, v_all)
