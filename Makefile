@@ -23,7 +23,9 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 	touch $@
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/nemojax demo --config configs/tiny.yaml
+	$(VENV)/bin/nemojax train --config configs/tiny.yaml
+	$(VENV)/bin/nemojax generate --model checkpoints/tiny/model --prompt "def " --max-new-tokens 200 \
+		--temperature 0.8 --top-k 40 --ignore-eos
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest $(PYTEST_ARGS) tests
@@ -31,9 +33,10 @@ test: $(VENV)/.installed-dev
 bench: $(VENV)/.installed-dev
 	$(PY) benchmarks/forward_vs_hf.py
 	$(PY) benchmarks/moe.py
+	$(PY) benchmarks/decode.py
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check nemojax pallas_kernels tests benchmarks
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache checkpoints

@@ -1,5 +1,5 @@
-"""Command line: `nemojax convert hf-to-orbax|orbax-to-hf SRC DST`, `nemojax generate`, `nemojax info`,
-`nemojax demo`."""
+"""Command line: `nemojax train`, `nemojax generate`, `nemojax convert hf-to-orbax|orbax-to-hf SRC DST`,
+`nemojax info`, `nemojax demo`."""
 
 from __future__ import annotations
 
@@ -118,6 +118,26 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from nemojax.train.trainer import Trainer, TrainingError, load_run_config
+
+    model_cfg, train_cfg = load_run_config(args.config, tuple(args.overrides))
+    trainer = Trainer(model_cfg, train_cfg)
+    print(f"nemojax train: {args.config}: pattern {model_cfg.pattern!r}, {train_cfg.steps} steps of "
+          f"{train_cfg.data.batch_size}x{train_cfg.data.seq_len} tokens; checkpoints in {trainer.ckpt_dir}",
+          file=sys.stderr)
+    try:
+        history = trainer.run(progress=not args.no_progress)
+    except TrainingError as e:
+        print(f"nemojax train: error: {e}", file=sys.stderr)
+        return 3
+    evals = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]
+    if evals:
+        print("validation loss: " + ", ".join(f"step {s}: {v:.3f}" for s, v in evals), file=sys.stderr)
+    print(f"model exported to {trainer.export()}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nemojax", description="Nemotron-H hybrid Mamba-Transformer models in JAX")
     sub = p.add_subparsers(dest="command", required=True)
@@ -137,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="print layer counts and parameter count of a config (YAML or HF dir)")
     i.add_argument("--config", default="configs/tiny.yaml")
     i.set_defaults(func=_cmd_info)
+
+    t = sub.add_parser("train", help="train from a run config (resumes from the latest checkpoint)")
+    t.add_argument("--config", default="configs/tiny.yaml")
+    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.steps=100 model.hidden_size=64")
+    t.set_defaults(func=_cmd_train)
 
     g = sub.add_parser("generate", help="stream a completion from an HF or Orbax checkpoint")
     g.add_argument("--model", required=True, help="HF checkpoint dir or nemojax Orbax dir")

@@ -1,0 +1,229 @@
+"""Training loop: jitted train step (next-token + optional MTP and MoE balance losses), Orbax checkpoints with
+automatic resume (parameters, optimizer state, data iterator state and step), NaN/Inf detection that stops
+before the bad state is saved, periodic validation, a progress bar and a JSONL metrics file.
+
+Run configs are YAML with `model:` and `train:` sections (configs/tiny.yaml); `key=value` overrides use
+dotted names (`train.steps=100`, `model.hidden_size=64`, `train.optim.lr=1e-3`, `train.data.seq_len=128`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Callable, Optional
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+import yaml
+from flax import nnx
+
+from nemojax.config import ConfigError, ModelConfig
+from nemojax.layers.moe import moe_aux_loss, update_expert_bias
+from nemojax.model import PERSISTENT, NemotronH
+from nemojax.train.data import DataConfig, split_tokens, train_iterator, validation_batches
+from nemojax.train.loss import cross_entropy, lm_and_mtp_losses, shifted_mask
+from nemojax.train.optim import OptimConfig, make_optimizer, schedule
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (e.g. the loss became NaN/Inf)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 300
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 100
+    keep: int = 2
+    ckpt_dir: str = "checkpoints/run"
+    mtp_loss_weight: float = 0.3          # used when the model has an MTP head
+    moe_bias_update_rate: float = 1e-3    # aux-loss-free balancing step for MoE layers (0 disables)
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+
+
+def _build(cls, d: dict, what: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in (d or {}).items():
+        if key not in fields:
+            import difflib
+            hint = difflib.get_close_matches(key, list(fields), n=1)
+            raise ConfigError(f"unknown key {key!r} in {what}" + (f"; did you mean {hint[0]!r}?" if hint else ""))
+        sub = {"data": DataConfig, "optim": OptimConfig}.get(key) if cls is TrainConfig else None
+        kwargs[key] = _build(sub, value, f"{what}.{key}") if sub else value
+    return cls(**kwargs)
+
+
+def load_run_config(path: str, overrides: tuple = ()) -> tuple[ModelConfig, TrainConfig]:
+    """Reads a run config YAML (model: + train:) and applies dotted key=value overrides."""
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    raw = {"model": dict(raw.get("model", {})), "train": dict(raw.get("train", {}))}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        parts = key.split(".")
+        if parts[0] not in ("model", "train"):
+            parts = ["train"] + parts
+        node = raw
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(value)
+    return ModelConfig.from_dict(raw["model"], what=f"{path} model"), _build(TrainConfig, raw["train"], "train")
+
+
+def make_train_step(model_cfg: ModelConfig, cfg: TrainConfig, lr_schedule: optax.Schedule):
+    mtp_depth = model_cfg.mtp_depth if model_cfg.num_nextn_predict_layers else 0
+    has_moe = "E" in model_cfg.pattern
+
+    def loss_fn(model, tokens):
+        main, mtp = lm_and_mtp_losses(model, tokens, depth=mtp_depth)
+        total = main + cfg.mtp_loss_weight * sum(mtp) + (moe_aux_loss(model) if has_moe else 0.0)
+        return total, (main, mtp)
+
+    @nnx.jit
+    def step(model, opt, tokens):
+        (loss, (main, mtp)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, tokens)
+        opt.update(model, grads)
+        if has_moe and cfg.moe_bias_update_rate:
+            update_expert_bias(model, cfg.moe_bias_update_rate)
+        metrics = {"loss": main, "total_loss": loss, "grad_norm": optax.global_norm(grads),
+                   "lr": lr_schedule(opt.step[...] - 1)}
+        for k, m in enumerate(mtp, start=1):
+            metrics[f"mtp_loss_{k}"] = m
+        return metrics
+
+    return step
+
+
+@nnx.jit
+def eval_loss(model, tokens):
+    return cross_entropy(model(tokens), jnp.roll(tokens, -1, axis=1), shifted_mask(jnp.ones_like(tokens), 1))
+
+
+class Trainer:
+    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, train_tokens: Optional[np.ndarray] = None,
+                 val_tokens: Optional[np.ndarray] = None):
+        self.model_cfg, self.cfg = model_cfg, cfg
+        self.train_tokens = split_tokens(cfg.data, "train") if train_tokens is None else train_tokens
+        self.val_tokens = split_tokens(cfg.data, "validation") if val_tokens is None else val_tokens
+        if int(self.train_tokens.max()) >= model_cfg.vocab_size:
+            raise ConfigError(f"data has token id {int(self.train_tokens.max())} >= vocab_size "
+                              f"{model_cfg.vocab_size}")
+        self.ckpt_dir = os.path.abspath(cfg.ckpt_dir)
+        self.lr_schedule = schedule(cfg.optim, cfg.steps)
+        self.model = NemotronH(model_cfg, nnx.Rngs(cfg.seed))
+        self.opt = nnx.Optimizer(self.model, make_optimizer(cfg.optim, cfg.steps), wrt=nnx.Param)
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------ checkpoints
+    def _manager(self):
+        import orbax.checkpoint as ocp
+
+        return ocp.CheckpointManager(os.path.join(self.ckpt_dir, "checkpoints"),
+                                     options=ocp.CheckpointManagerOptions(max_to_keep=self.cfg.keep,
+                                                                          enable_async_checkpointing=True))
+
+    def _state_tree(self) -> dict:
+        return {"model": nnx.to_pure_dict(nnx.state(self.model, PERSISTENT)),
+                "opt": nnx.to_pure_dict(nnx.state(self.opt))}
+
+    def _save(self, mgr, step: int, data_state: dict) -> None:
+        import orbax.checkpoint as ocp
+
+        mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(self._state_tree()),
+                                               data=ocp.args.JsonSave(data_state)))
+
+    def _restore(self, mgr) -> tuple[int, Optional[dict]]:
+        import orbax.checkpoint as ocp
+
+        step = mgr.latest_step()
+        if step is None:
+            return 0, None
+        restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(self._state_tree()),
+                                                             data=ocp.args.JsonRestore()))
+        model_state, opt_state = nnx.state(self.model, PERSISTENT), nnx.state(self.opt)
+        nnx.replace_by_pure_dict(model_state, restored.state["model"])
+        nnx.replace_by_pure_dict(opt_state, restored.state["opt"])
+        nnx.update(self.model, model_state)
+        nnx.update(self.opt, opt_state)
+        return int(step), dict(restored.data)
+
+    # ------------------------------------------------------------------ loop
+    def validate(self) -> float:
+        losses = [float(eval_loss(self.model, jnp.asarray(b)))
+                  for b in validation_batches(self.cfg.data, self.cfg.eval_batches, self.val_tokens)]
+        return float(np.mean(losses)) if losses else float("nan")
+
+    def run(self, stop_after: Optional[int] = None, progress: bool = True,
+            loss_hook: Optional[Callable[[int, float], float]] = None) -> list[dict]:
+        """Trains to cfg.steps, resuming from the latest checkpoint in ckpt_dir. stop_after ends the run early
+        after that many steps of this call (a simulated interruption). loss_hook(step, loss) -> loss lets tests
+        inject a bad loss."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        os.makedirs(self.ckpt_dir, exist_ok=True)
+        mgr = self._manager()
+        start, data_state = self._restore(mgr)
+        it = train_iterator(cfg.data, data_state, self.train_tokens)
+        step_fn = make_train_step(self.model_cfg, cfg, self.lr_schedule)
+        metrics_file = open(os.path.join(self.ckpt_dir, "metrics.jsonl"), "a")
+        tokens_per_step = cfg.data.batch_size * (cfg.data.seq_len + 1)
+        end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
+        bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not progress, desc="train",
+                   dynamic_ncols=True)
+        if start == 0 and self.val_tokens is not None:
+            record0 = {"step": 0, "val_loss": self.validate()}
+            self.history.append(record0)
+            metrics_file.write(json.dumps(record0) + "\n")
+        t_last = time.perf_counter()
+        try:
+            for step in bar:
+                metrics = step_fn(self.model, self.opt, jnp.asarray(next(it)))
+                record = {k: float(v) for k, v in metrics.items()}
+                if loss_hook is not None:
+                    record["loss"] = loss_hook(step + 1, record["loss"])
+                if not all(math.isfinite(v) for v in record.values()):
+                    bad = sorted(k for k, v in record.items() if not math.isfinite(v))
+                    mgr.wait_until_finished()
+                    raise TrainingError(f"non-finite {', '.join(bad)} at step {step + 1}; stopping before saving. "
+                                        f"Last good checkpoint: step {mgr.latest_step()} in {self.ckpt_dir}")
+                record["step"] = step + 1
+                now = time.perf_counter()
+                record["tokens_per_s"] = tokens_per_step / max(now - t_last, 1e-9)
+                t_last = now
+                if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+                    record["val_loss"] = self.validate()
+                self.history.append(record)
+                if (step + 1) % cfg.log_every == 0 or "val_loss" in record:
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                                    gnorm=f"{record['grad_norm']:.2f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                    **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
+                if (step + 1) % cfg.save_every == 0 or step + 1 == end:
+                    self._save(mgr, step + 1, it.get_state())
+        finally:
+            bar.close()
+            metrics_file.close()
+            mgr.wait_until_finished()
+            mgr.close()
+        return self.history
+
+    def export(self, directory: Optional[str] = None) -> str:
+        """Saves the current model as a nemojax Orbax model directory (for `nemojax generate`)."""
+        from nemojax.convert.orbax import save_orbax
+
+        directory = directory or os.path.join(self.ckpt_dir, "model")
+        save_orbax(self.model, directory, force=True)
+        return directory
