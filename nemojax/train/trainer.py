@@ -15,6 +15,7 @@ import os
 import time
 from typing import Callable, Optional
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -24,6 +25,7 @@ from flax import nnx
 from nemojax.config import ConfigError, ModelConfig
 from nemojax.layers.moe import moe_aux_loss, update_expert_bias
 from nemojax.model import PERSISTENT, NemotronH
+from nemojax.sharding import MeshConfig, batch_sharding, make_mesh, shard_model
 from nemojax.train.data import DataConfig, split_tokens, train_iterator, validation_batches
 from nemojax.train.loss import cross_entropy, lm_and_mtp_losses, shifted_mask
 from nemojax.train.optim import OptimConfig, make_optimizer, schedule
@@ -47,6 +49,7 @@ class TrainConfig:
     seed: int = 0
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
+    mesh: MeshConfig = MeshConfig()       # data=-1 fills the devices; e.g. train.mesh.tensor=2
 
 
 def _build(cls, d: dict, what: str):
@@ -57,7 +60,7 @@ def _build(cls, d: dict, what: str):
             import difflib
             hint = difflib.get_close_matches(key, list(fields), n=1)
             raise ConfigError(f"unknown key {key!r} in {what}" + (f"; did you mean {hint[0]!r}?" if hint else ""))
-        sub = {"data": DataConfig, "optim": OptimConfig}.get(key) if cls is TrainConfig else None
+        sub = {"data": DataConfig, "optim": OptimConfig, "mesh": MeshConfig}.get(key) if cls is TrainConfig else None
         kwargs[key] = _build(sub, value, f"{what}.{key}") if sub else value
     return cls(**kwargs)
 
@@ -123,6 +126,13 @@ class Trainer:
         self.lr_schedule = schedule(cfg.optim, cfg.steps)
         self.model = NemotronH(model_cfg, nnx.Rngs(cfg.seed))
         self.opt = nnx.Optimizer(self.model, make_optimizer(cfg.optim, cfg.steps), wrt=nnx.Param)
+        self.mesh = make_mesh(cfg.mesh)
+        if self.mesh.size > 1:       # parameters and optimizer state placed by their specs; restores keep them
+            shard_model(self.model, self.mesh)
+            shard_model(self.opt, self.mesh)
+        if cfg.data.batch_size % (self.mesh.shape["data"] * self.mesh.shape["fsdp"]):
+            raise ConfigError(f"batch_size {cfg.data.batch_size} is not divisible by the data x fsdp mesh axes "
+                              f"({self.mesh.shape['data']} x {self.mesh.shape['fsdp']})")
         self.history: list[dict] = []
 
     # ------------------------------------------------------------------ checkpoints
@@ -189,7 +199,7 @@ class Trainer:
         t_last = time.perf_counter()
         try:
             for step in bar:
-                metrics = step_fn(self.model, self.opt, jnp.asarray(next(it)))
+                metrics = step_fn(self.model, self.opt, jax.device_put(next(it), batch_sharding(self.mesh)))
                 record = {k: float(v) for k, v in metrics.items()}
                 if loss_hook is not None:
                     record["loss"] = loss_hook(step + 1, record["loss"])
