@@ -128,11 +128,21 @@ class Attention(nnx.Module):
             out = gqa_attention(q, k, v, key_mask=attention_mask)
             return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
         # the cache is head-major [batch, kv_heads, max_len, head_dim]
-        k_all = jax.lax.dynamic_update_slice(cache.k, k.transpose(0, 2, 1, 3).astype(cache.k.dtype), (0, 0, pos, 0))
-        v_all = jax.lax.dynamic_update_slice(cache.v, v.transpose(0, 2, 1, 3).astype(cache.v.dtype), (0, 0, pos, 0))
+        def write(k, v):
+            k_all = jax.lax.dynamic_update_slice(cache.k, k.transpose(0, 2, 1, 3).astype(cache.k.dtype), (0, 0, pos, 0))
+            v_all = jax.lax.dynamic_update_slice(cache.v, v.transpose(0, 2, 1, 3).astype(cache.v.dtype), (0, 0, pos, 0))
+            return k_all, v_all
+
         if t == 1:                                            # decode: reads the cache as it was before the write
             out = decode_attention(q, k, v, cache.k, cache.v, key_valid, pos)
-        elif isinstance(pos, int) and pos == 0:               # prefill: blocked attention over the new keys
+            # A data dependency of the written values on the attention output orders the cache read before the
+            # in-place write; without it XLA cannot prove the order inside a decode loop and copies both caches
+            # every step (0.6 ms per layer at 8K context on CPU). Adding 0 * a finite value changes nothing.
+            after_read = 0 * out[:, :, :1, :1]
+            k_all, v_all = write(k + after_read.astype(k.dtype), v + after_read.astype(v.dtype))
+            return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), type(cache)(k_all, v_all)
+        k_all, v_all = write(k, v)
+        if isinstance(pos, int) and pos == 0:               # prefill: blocked attention over the new keys
             out = gqa_attention(q, k, v, key_mask=key_valid[:, :t])
         else:                                                 # a chunk continuing a cache (speculative verify)
             out = gqa_attention(q, k_all, v_all, key_mask=key_valid, q_positions=pos + jnp.arange(t),
