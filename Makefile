@@ -34,6 +34,7 @@ bench: $(VENV)/.installed-dev
 	$(PY) benchmarks/forward_vs_hf.py
 	$(PY) benchmarks/moe.py
 	$(PY) benchmarks/decode.py
+	$(PY) benchmarks/train_step.py
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check nemojax pallas_kernels tests benchmarks

@@ -119,9 +119,11 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_train(args) -> int:
+    from nemojax.distributed import initialize
     from nemojax.train.trainer import Trainer, TrainingError, load_run_config
 
     model_cfg, train_cfg = load_run_config(args.config, tuple(args.overrides))
+    initialize(args.distributed)
     trainer = Trainer(model_cfg, train_cfg)
     print(f"nemojax train: {args.config}: pattern {model_cfg.pattern!r}, {train_cfg.steps} steps of "
           f"{train_cfg.data.batch_size}x{train_cfg.data.seq_len} tokens; checkpoints in {trainer.ckpt_dir}",
@@ -161,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train from a run config (resumes from the latest checkpoint)")
     t.add_argument("--config", default="configs/tiny.yaml")
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--distributed", choices=["auto", "on", "off"], default="auto",
+                   help="jax.distributed.initialize(): auto = when launched as one of several processes")
     t.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.steps=100 model.hidden_size=64")
     t.set_defaults(func=_cmd_train)
 

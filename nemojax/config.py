@@ -24,6 +24,8 @@ HF_TYPE_TO_CHAR = {v: k for k, v in PATTERN_CHARS.items()} | {"mamba": "M", "att
 DT_CLAMP_MODES = ("none", "hf")
 DTYPES = ("float32", "bfloat16", "float16")
 SSD_IMPLS = ("xla", "naive", "associative")
+REMAT_POLICIES = ("none", "block", "dots")
+STABILITY_FIELDS = ("attn_qk_norm", "attn_qkv_norm", "attn_softcap")
 MOE_IMPLS = ("auto", "ragged", "capacity", "dense")
 
 
@@ -113,6 +115,12 @@ class ModelConfig:
     moe_capacity_factor: Optional[float] = None  # 'capacity' slots per expert = cf * tokens * k / E; None: dropless
     moe_aux_loss_coef: float = 0.0               # Switch-style balance loss; 0 = aux-loss-free (bias updates)
     mtp_depth: int = 1                           # prediction depths trained/drafted by the MTP head
+    remat: str = "none"                          # activation recomputation per block: none | block | dots
+    # training-stability options (quant_training.md §4; they change the architecture, so HF checkpoints,
+    # which have none of them, cannot hold a model that uses them)
+    attn_qk_norm: bool = False                   # RMSNorm over head_dim on Q and K before the scores
+    attn_qkv_norm: bool = False                  # RMSNorm on Q, K and V after the projection; no pre-norm
+    attn_softcap: float = 0.0                    # scores <- c * tanh(scores / c) when c > 0 (e.g. 50)
 
     def __post_init__(self):
         if isinstance(self.time_step_limit, list):
@@ -162,6 +170,10 @@ class ModelConfig:
             if self.mamba_num_heads % self.n_groups:
                 raise ConfigError(f"mamba_num_heads ({self.mamba_num_heads}) must be divisible by "
                                   f"n_groups ({self.n_groups})")
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if self.attn_softcap < 0:
+            raise ConfigError(f"attn_softcap must be >= 0 (0 disables), got {self.attn_softcap}")
         if "-" in self.pattern and self.intermediate_size <= 0:
             raise ConfigError(f"intermediate_size must be positive for '-' layers, got {self.intermediate_size}")
         if self.mlp_hidden_act != "relu2":
@@ -319,6 +331,10 @@ class ModelConfig:
 
     def to_hf_dict(self) -> dict:
         """An HF `config.json` dict that transformers' NemotronHConfig (and NVIDIA's remote config) load."""
+        used = [f for f in STABILITY_FIELDS if getattr(self, f)]
+        if used:
+            raise ConfigError(f"{', '.join(used)} cannot be written to an HF config: transformers' NemotronH has no "
+                              f"such attention option (keep this model in Orbax form)")
         d = {
             "architectures": ["NemotronHForCausalLM"],
             "model_type": "nemotron_h",
@@ -347,7 +363,7 @@ class ModelConfig:
 
 
 _RUNTIME_FIELDS = {"dtype", "param_dtype", "ssd_impl", "moe_impl", "moe_capacity_factor", "moe_aux_loss_coef",
-                   "mtp_depth"}
+                   "mtp_depth", "remat"} | set(STABILITY_FIELDS)
 
 _HF_LEGACY_KEYS = {
     "mamba_n_groups": "n_groups",

@@ -20,6 +20,20 @@ from nemojax.layers.norm import RMSNorm
 PERSISTENT = (nnx.Param, ExpertBias)
 
 
+def _call_block(block: Block, h: jax.Array, attention_mask: Optional[jax.Array]) -> jax.Array:
+    return block(h, attention_mask)
+
+
+def remat_block(policy: str):
+    """How each block runs in training forwards: 'none' keeps every activation for the backward pass,
+    'block' keeps only block inputs and recomputes the rest, 'dots' also keeps matmul outputs (recomputes only
+    the cheap elementwise work: norms, activations, the SSD's exp/cumsum)."""
+    if policy == "none":
+        return _call_block
+    saveable = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if policy == "dots" else None
+    return nnx.remat(_call_block, policy=saveable)
+
+
 class NemotronH(nnx.Module):
     """Causal LM. input_ids [batch, seq] int32 -> logits [batch, seq, vocab] float32."""
 
@@ -39,8 +53,9 @@ class NemotronH(nnx.Module):
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
         h = self.embeddings(input_ids)
+        run = remat_block(self.config.remat)
         for block in self.layers:
-            h = block(h, attention_mask)
+            h = run(block, h, attention_mask)
         return self.norm_f(h.astype(dtypes(self.config)[0]))
 
     def logits(self, h: jax.Array) -> jax.Array:

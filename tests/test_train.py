@@ -9,25 +9,25 @@ import numpy as np
 import pytest
 
 from nemojax.config import ConfigError
-from nemojax.train.data import DataConfig, split_tokens
+from nemojax.train.data import Corpus
 from nemojax.train.optim import OptimConfig, decay_mask, schedule
 from nemojax.train.trainer import Trainer, TrainingError, load_run_config
 
 SMALL = ("model.hidden_size=64", "model.intermediate_size=128", "model.mamba_num_heads=4", "model.mamba_head_dim=16",
          "model.ssm_state_size=16", "model.head_dim=16", "train.data.seq_len=64", "train.data.batch_size=4",
-         "train.data.max_bytes=300000", "train.eval_every=10", "train.eval_batches=2", "train.save_every=5",
+         "train.eval_every=10", "train.eval_batches=2", "train.save_every=5",
          "train.log_every=5", "train.optim.warmup_steps=5", "train.steps=20")
 
 
 @pytest.fixture(scope="module")
-def tokens():
-    cfg = DataConfig(max_bytes=300000)
-    return split_tokens(cfg, "train"), split_tokens(cfg, "validation")
+def corpus():
+    """One stdlib corpus index shared by the tests (documents are read lazily)."""
+    return Corpus(load_run_config("configs/tiny.yaml", SMALL)[1].data)
 
 
-def make(tmp_path, tokens, *extra):
+def make(tmp_path, corpus, *extra):
     model_cfg, train_cfg = load_run_config("configs/tiny.yaml", SMALL + (f"train.ckpt_dir={tmp_path}",) + extra)
-    return Trainer(model_cfg, train_cfg, *tokens)
+    return Trainer(model_cfg, train_cfg, corpus)
 
 
 def params_of(trainer):
@@ -35,18 +35,12 @@ def params_of(trainer):
     return jax.tree.leaves(nnx.state(trainer.model, nnx.Param))
 
 
-def test_corpus_split_is_by_file_and_disjoint(tokens):
-    train, val = tokens
-    assert len(train) > 5 * len(val) > 0
-    assert train.max() < 259 and val.max() < 259
-
-
-def test_kill_and_resume_equals_straight_run(tmp_path, tokens):
-    straight = make(tmp_path / "a", tokens)
+def test_kill_and_resume_equals_straight_run(tmp_path, corpus):
+    straight = make(tmp_path / "a", corpus)
     hist_a = straight.run(progress=False)
-    first = make(tmp_path / "b", tokens)
+    first = make(tmp_path / "b", corpus)
     first.run(stop_after=10, progress=False)                     # "killed" after the step-10 checkpoint
-    resumed = make(tmp_path / "b", tokens)                       # a fresh process would build this
+    resumed = make(tmp_path / "b", corpus)                       # a fresh process would build this
     hist_b = first.history + resumed.run(progress=False)
     loss_a = [h["loss"] for h in hist_a if "loss" in h]
     loss_b = [h["loss"] for h in hist_b if "loss" in h]
@@ -57,15 +51,37 @@ def test_kill_and_resume_equals_straight_run(tmp_path, tokens):
     assert loss_a[-1] < loss_a[0] - 0.5                          # and it learns
     metrics = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
     assert metrics[0]["step"] == 0 and "val_loss" in metrics[0] and metrics[-1]["step"] == 20
+    scalars = tensorboard_scalars(tmp_path / "a" / "tensorboard")
+    assert scalars["train/loss"] == {m["step"]: pytest.approx(m["loss"]) for m in metrics if "loss" in m}
+    assert scalars["eval/loss"][0] == pytest.approx(metrics[0]["val_loss"])
 
 
-def test_nan_stops_with_clear_message_and_keeps_last_good_checkpoint(tmp_path, tokens):
-    trainer = make(tmp_path, tokens)
+def tensorboard_scalars(directory) -> dict:
+    """Reads TensorBoard event files (TFRecord framing: u64 length, u32 crc, payload, u32 crc) -> {tag: {step: v}}."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out = {}
+    for name in os.listdir(directory):
+        data = open(os.path.join(directory, name), "rb").read()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 16 + length
+            for value in event.summary.value:
+                out.setdefault(value.tag, {})[event.step] = value.simple_value
+    return out
+
+
+def test_nan_stops_with_clear_message_and_keeps_last_good_checkpoint(tmp_path, corpus):
+    trainer = make(tmp_path, corpus)
     with pytest.raises(TrainingError, match=r"non-finite loss at step 7.*Last good checkpoint: step 5"):
         trainer.run(progress=False, loss_hook=lambda step, loss: float("nan") if step == 7 else loss)
     ckpts = sorted(os.listdir(tmp_path / "checkpoints"))
     assert ckpts == ["5"]
-    resumed = make(tmp_path, tokens)
+    resumed = make(tmp_path, corpus)
     history = resumed.run(stop_after=1, progress=False)          # the good checkpoint restores and continues
     assert history[-1]["step"] == 6
 

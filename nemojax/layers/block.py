@@ -34,14 +34,20 @@ class Block(nnx.Module):
 
     def __init__(self, char: str, cfg: ModelConfig, rngs: nnx.Rngs):
         self.kind = char
-        self.norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon, dtypes(cfg)[1])
+        # QKV_norm (a stability option) moves the attention block's normalisation after the projections
+        skip_norm = char == "*" and cfg.attn_qkv_norm
+        self.norm = None if skip_norm else RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon, dtypes(cfg)[1])
         self.mixer = make_mixer(char, cfg, rngs)
         self.compute_dtype = dtypes(cfg)[0]
         # HF keeps the residual stream in the activation dtype; residual_in_fp32 (NVIDIA's option) keeps fp32.
         self.residual_dtype = jnp.float32 if cfg.residual_in_fp32 else self.compute_dtype
 
+    def normed(self, h: jax.Array) -> jax.Array:
+        x = h.astype(self.compute_dtype)
+        return x if self.norm is None else self.norm(x)
+
     def __call__(self, h: jax.Array, attention_mask: Optional[jax.Array] = None) -> jax.Array:
-        x = self.norm(h.astype(self.compute_dtype))
+        x = self.normed(h)
         if self.kind in "M*":
             y = self.mixer(x, attention_mask=attention_mask)
         else:
@@ -51,7 +57,7 @@ class Block(nnx.Module):
     def cached(self, h: jax.Array, entry, attention_mask: jax.Array, pos, key_valid: jax.Array,
                all_states: bool = False):
         """Like __call__, continuing from this layer's cache entry; returns (h, new entry)."""
-        x = self.norm(h.astype(self.compute_dtype))
+        x = self.normed(h)
         if self.kind == "M":
             y, entry = self.mixer(x, attention_mask=attention_mask, state=entry, return_state=True,
                                   all_states=all_states)

@@ -1,6 +1,7 @@
 """Training loop: jitted train step (next-token + optional MTP and MoE balance losses), Orbax checkpoints with
 automatic resume (parameters, optimizer state, data iterator state and step), NaN/Inf detection that stops
-before the bad state is saved, periodic validation, a progress bar and a JSONL metrics file.
+before the bad state is saved, periodic validation, a progress bar, and metrics as JSONL plus TensorBoard event
+files (written by process 0 only on multi-host runs).
 
 Run configs are YAML with `model:` and `train:` sections (configs/tiny.yaml); `key=value` overrides use
 dotted names (`train.steps=100`, `model.hidden_size=64`, `train.optim.lr=1e-3`, `train.data.seq_len=128`).
@@ -26,7 +27,7 @@ from nemojax.config import ConfigError, ModelConfig
 from nemojax.layers.moe import moe_aux_loss, update_expert_bias
 from nemojax.model import PERSISTENT, NemotronH
 from nemojax.sharding import MeshConfig, batch_sharding, make_mesh, shard_model
-from nemojax.train.data import DataConfig, split_tokens, train_iterator, validation_batches
+from nemojax.train.data import Corpus, DataConfig
 from nemojax.train.loss import cross_entropy, lm_and_mtp_losses, shifted_mask
 from nemojax.train.optim import OptimConfig, make_optimizer, schedule
 
@@ -43,7 +44,8 @@ class TrainConfig:
     eval_batches: int = 8
     save_every: int = 100
     keep: int = 2
-    ckpt_dir: str = "checkpoints/run"
+    ckpt_dir: str = "checkpoints/run"     # local path or a remote URL Orbax understands (gs://bucket/run)
+    log_dir: str = ""                     # metrics.jsonl + TensorBoard events; "" = ckpt_dir (or ./logs if remote)
     mtp_loss_weight: float = 0.3          # used when the model has an MTP head
     moe_bias_update_rate: float = 1e-3    # aux-loss-free balancing step for MoE layers (0 disables)
     seed: int = 0
@@ -113,16 +115,48 @@ def eval_loss(model, tokens):
     return cross_entropy(model(tokens), jnp.roll(tokens, -1, axis=1), shifted_mask(jnp.ones_like(tokens), 1))
 
 
+class MetricsLog:
+    """metrics.jsonl (one JSON record per logged step) and TensorBoard scalars (tensorboardX event files)."""
+
+    def __init__(self, directory: str, enabled: bool = True):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from tensorboardX import SummaryWriter
+
+        os.makedirs(directory, exist_ok=True)
+        self.jsonl = open(os.path.join(directory, "metrics.jsonl"), "a")
+        self.tb = SummaryWriter(os.path.join(directory, "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        step = int(record["step"])
+        for key, value in record.items():
+            if key != "step":
+                self.tb.add_scalar(f"train/{key}" if key != "val_loss" else "eval/loss", value, step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tb.close()
+
+
 class Trainer:
-    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, train_tokens: Optional[np.ndarray] = None,
-                 val_tokens: Optional[np.ndarray] = None):
+    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, corpus: Optional[Corpus] = None):
         self.model_cfg, self.cfg = model_cfg, cfg
-        self.train_tokens = split_tokens(cfg.data, "train") if train_tokens is None else train_tokens
-        self.val_tokens = split_tokens(cfg.data, "validation") if val_tokens is None else val_tokens
-        if int(self.train_tokens.max()) >= model_cfg.vocab_size:
-            raise ConfigError(f"data has token id {int(self.train_tokens.max())} >= vocab_size "
-                              f"{model_cfg.vocab_size}")
-        self.ckpt_dir = os.path.abspath(cfg.ckpt_dir)
+        self.corpus = corpus or Corpus(cfg.data, jax.process_index(), jax.process_count())
+        if self.corpus.tokenize.vocab_size > model_cfg.vocab_size:
+            raise ConfigError(f"tokenizer {cfg.data.tokenizer!r} has {self.corpus.tokenize.vocab_size} tokens, more "
+                              f"than the model's vocab_size {model_cfg.vocab_size}")
+        remote = "://" in cfg.ckpt_dir
+        self.ckpt_dir = cfg.ckpt_dir if remote else os.path.abspath(cfg.ckpt_dir)
+        self.log_dir = os.path.abspath(cfg.log_dir or ("logs" if remote else cfg.ckpt_dir))
+        self.is_chief = jax.process_index() == 0
+        self._val_batches = None
         self.lr_schedule = schedule(cfg.optim, cfg.steps)
         self.model = NemotronH(model_cfg, nnx.Rngs(cfg.seed))
         self.opt = nnx.Optimizer(self.model, make_optimizer(cfg.optim, cfg.steps), wrt=nnx.Param)
@@ -168,10 +202,15 @@ class Trainer:
         nnx.update(self.opt, opt_state)
         return int(step), dict(restored.data)
 
+    def _global_batch(self, local: np.ndarray) -> jax.Array:
+        """This host's rows [batch / hosts, seq] -> the global [batch, seq] array sharded over data x fsdp."""
+        return jax.make_array_from_process_local_data(batch_sharding(self.mesh), np.asarray(local))
+
     # ------------------------------------------------------------------ loop
     def validate(self) -> float:
-        losses = [float(eval_loss(self.model, jnp.asarray(b)))
-                  for b in validation_batches(self.cfg.data, self.cfg.eval_batches, self.val_tokens)]
+        if self._val_batches is None:
+            self._val_batches = self.corpus.validation_batches(self.cfg.eval_batches)
+        losses = [float(eval_loss(self.model, self._global_batch(b))) for b in self._val_batches]
         return float(np.mean(losses)) if losses else float("nan")
 
     def run(self, stop_after: Optional[int] = None, progress: bool = True,
@@ -182,24 +221,23 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        os.makedirs(self.ckpt_dir, exist_ok=True)
         mgr = self._manager()
         start, data_state = self._restore(mgr)
-        it = train_iterator(cfg.data, data_state, self.train_tokens)
+        it = self.corpus.train_iterator(data_state)
         step_fn = make_train_step(self.model_cfg, cfg, self.lr_schedule)
-        metrics_file = open(os.path.join(self.ckpt_dir, "metrics.jsonl"), "a")
+        log = MetricsLog(self.log_dir, enabled=self.is_chief)
         tokens_per_step = cfg.data.batch_size * (cfg.data.seq_len + 1)
         end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
-        bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not progress, desc="train",
-                   dynamic_ncols=True)
-        if start == 0 and self.val_tokens is not None:
+        bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not (progress and self.is_chief),
+                   desc="train", dynamic_ncols=True)
+        if start == 0:
             record0 = {"step": 0, "val_loss": self.validate()}
             self.history.append(record0)
-            metrics_file.write(json.dumps(record0) + "\n")
+            log.write(record0)
         t_last = time.perf_counter()
         try:
             for step in bar:
-                metrics = step_fn(self.model, self.opt, jax.device_put(next(it), batch_sharding(self.mesh)))
+                metrics = step_fn(self.model, self.opt, self._global_batch(next(it)))
                 record = {k: float(v) for k, v in metrics.items()}
                 if loss_hook is not None:
                     record["loss"] = loss_hook(step + 1, record["loss"])
@@ -216,8 +254,7 @@ class Trainer:
                     record["val_loss"] = self.validate()
                 self.history.append(record)
                 if (step + 1) % cfg.log_every == 0 or "val_loss" in record:
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
+                    log.write(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
                                     gnorm=f"{record['grad_norm']:.2f}", tok_s=f"{record['tokens_per_s']:.0f}",
                                     **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
@@ -225,7 +262,7 @@ class Trainer:
                     self._save(mgr, step + 1, it.get_state())
         finally:
             bar.close()
-            metrics_file.close()
+            log.close()
             mgr.wait_until_finished()
             mgr.close()
         return self.history
