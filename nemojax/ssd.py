@@ -217,9 +217,14 @@ SSD_IMPLS = {"naive": ssd_naive, "associative": ssd_associative, "chunked": ssd_
 def ssd(x: Array, dt: Array, A: Array, B: Array, C: Array, D: Optional[Array] = None,
         initial_state: Optional[Array] = None, chunk_size: int = 128, impl: str = "chunked"
         ) -> tuple[Array, Array]:
-    """Dispatches to an SSD implementation by name ('chunked' is the default XLA path)."""
+    """Dispatches to an SSD implementation by name ('chunked' is the default XLA path; 'pallas' is the fused
+    kernel of pallas_kernels.ssd, compiled on TPU/GPU and interpreted elsewhere)."""
     if impl == "chunked" or impl == "xla":
         return ssd_chunked(x, dt, A, B, C, D, initial_state, chunk_size)
+    if impl == "pallas":
+        from pallas_kernels.ssd import ssd_pallas
+
+        return ssd_pallas(x, dt, A, B, C, D, initial_state, chunk_size)
     if impl in SSD_IMPLS:
         return SSD_IMPLS[impl](x, dt, A, B, C, D, initial_state)
-    raise ValueError(f"unknown ssd impl {impl!r}; expected one of xla, chunked, naive, associative")
+    raise ValueError(f"unknown ssd impl {impl!r}; expected one of xla, pallas, chunked, naive, associative")

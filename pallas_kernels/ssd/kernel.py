@@ -1,0 +1,276 @@
+"""Fused chunked SSD scan in Pallas: forward and backward, in two forms over the same chunk math.
+
+Layouts (head-major so every block is a 2-D tile; see reference.py for the contract):
+    u [b, H, T, P], l as lcol [b, H, T, 1] and lrow [b, H, 1, T], B/C [b, G, T, N], states [b, H, P, N].
+Grouped B/C are read through the index map (head h reads group h // (H // G)): never repeated in memory.
+
+TPU form (`tpu_forward`, `tpu_backward`): grid (batch, head, chunk) with the chunk axis "arbitrary"
+(sequential); the [P, N] fp32 state (forward) or its gradient (backward, chunks visited in reverse) lives in a
+VMEM scratch across chunks. The forward also writes the state entering each chunk ([b, H, nc, P, N], what the
+backward needs; per-token states are never stored, the backward recomputes the chunk internals).
+
+GPU form (`parallel_forward`, `parallel_backward`): every grid axis parallel (GPU programs run concurrently,
+so no carry across programs): one kernel computes each chunk's own end state, an XLA scan over chunks passes
+states (nc x P x N, small), a second kernel computes outputs. The backward mirrors it with a reverse scan of
+state gradients. Both forms run under interpret=True on CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels.ssd import chunk_math as cm
+
+F32 = jnp.float32
+
+
+def _tpu_params(*semantics):
+    from jax.experimental.pallas import tpu as pltpu
+
+    return pltpu.CompilerParams(dimension_semantics=semantics)
+
+
+def _scratch(shape):
+    from jax.experimental.pallas import tpu as pltpu
+
+    return pltpu.VMEM(shape, F32)
+
+
+def _specs(q, p, n, rep, reverse_nc=None):
+    """BlockSpecs over grid (b, h, c); reverse_nc=nc visits chunks last to first."""
+    def chunk(c):
+        return c if reverse_nc is None else reverse_nc - 1 - c
+
+    return {
+        "u": pl.BlockSpec((None, None, q, p), lambda b, h, c: (b, h, chunk(c), 0)),
+        "lcol": pl.BlockSpec((None, None, q, 1), lambda b, h, c: (b, h, chunk(c), 0)),
+        "lrow": pl.BlockSpec((None, None, 1, q), lambda b, h, c: (b, h, 0, chunk(c))),
+        "bc": pl.BlockSpec((None, None, q, n), lambda b, h, c: (b, h // rep, chunk(c), 0)),
+        "bc_head": pl.BlockSpec((None, None, q, n), lambda b, h, c: (b, h, chunk(c), 0)),
+        "state": pl.BlockSpec((None, None, p, n), lambda b, h, c: (b, h, 0, 0)),
+        "chunk_state": pl.BlockSpec((None, None, None, p, n), lambda b, h, c: (b, h, chunk(c), 0, 0)),
+    }
+
+
+def _dims(u, B):
+    b, h, t, p = u.shape
+    g, n = B.shape[1], B.shape[3]
+    return b, h, t, p, g, n
+
+
+# ----------------------------------------------------------------------------------------------- TPU form
+def _tpu_forward_kernel(u_ref, lcol_ref, lrow_ref, b_ref, c_ref, h0_ref, y_ref, hT_ref, hin_ref, h_scr):
+    c = pl.program_id(2)
+
+    @pl.when(c == 0)
+    def _():
+        h_scr[...] = h0_ref[...].astype(F32)
+
+    h = h_scr[...]
+    hin_ref[...] = h
+    y, h_out = cm.chunk_forward(u_ref[...].astype(F32), lcol_ref[...].astype(F32), lrow_ref[...].astype(F32),
+                                b_ref[...].astype(F32), c_ref[...].astype(F32), h)
+    y_ref[...] = y.astype(y_ref.dtype)
+    h_scr[...] = h_out
+
+    @pl.when(c == pl.num_programs(2) - 1)
+    def _():
+        hT_ref[...] = h_out
+
+
+def tpu_forward(u, lcol, lrow, B, C, h0, chunk: int, interpret: bool):
+    """-> y [b, H, T, P] fp32, final state [b, H, P, N], entering states [b, H, nc, P, N]."""
+    b, h, t, p, g, n = _dims(u, B)
+    nc = t // chunk
+    s = _specs(chunk, p, n, h // g)
+    return pl.pallas_call(
+        _tpu_forward_kernel,
+        out_shape=(jax.ShapeDtypeStruct((b, h, t, p), F32), jax.ShapeDtypeStruct((b, h, p, n), F32),
+                   jax.ShapeDtypeStruct((b, h, nc, p, n), F32)),
+        grid=(b, h, nc),
+        in_specs=[s["u"], s["lcol"], s["lrow"], s["bc"], s["bc"], s["state"]],
+        out_specs=(s["u"], s["state"], s["chunk_state"]),
+        scratch_shapes=[_scratch((p, n))],
+        compiler_params=_tpu_params("parallel", "parallel", "arbitrary"),
+        interpret=interpret,
+    )(u, lcol, lrow, B, C, h0)
+
+
+def _tpu_backward_kernel(u_ref, lcol_ref, lrow_ref, b_ref, c_ref, hin_ref, dy_ref, dhT_ref,
+                         du_ref, dl_ref, db_ref, dc_ref, dh0_ref, g_scr):
+    c = pl.program_id(2)
+
+    @pl.when(c == 0)
+    def _():
+        g_scr[...] = dhT_ref[...].astype(F32)
+
+    du, dl, dB, dC, dh = cm.chunk_backward(
+        u_ref[...].astype(F32), lcol_ref[...].astype(F32), lrow_ref[...].astype(F32), b_ref[...].astype(F32),
+        c_ref[...].astype(F32), hin_ref[...], dy_ref[...].astype(F32), g_scr[...])
+    du_ref[...] = du
+    dl_ref[...] = dl
+    db_ref[...] = dB
+    dc_ref[...] = dC
+    g_scr[...] = dh
+
+    @pl.when(c == pl.num_programs(2) - 1)
+    def _():
+        dh0_ref[...] = dh
+
+
+def tpu_backward(u, lcol, lrow, B, C, h_in, dy, dhT, chunk: int, interpret: bool):
+    """-> du [b,H,T,P], dl [b,H,T,1], dB and dC per head [b,H,T,N], dh0 [b,H,P,N] (all fp32)."""
+    b, h, t, p, g, n = _dims(u, B)
+    nc = t // chunk
+    s = _specs(chunk, p, n, h // g, reverse_nc=nc)
+    shapes = [(b, h, t, p), (b, h, t, 1), (b, h, t, n), (b, h, t, n), (b, h, p, n)]
+    return pl.pallas_call(
+        _tpu_backward_kernel,
+        out_shape=tuple(jax.ShapeDtypeStruct(sh, F32) for sh in shapes),
+        grid=(b, h, nc),
+        in_specs=[s["u"], s["lcol"], s["lrow"], s["bc"], s["bc"], s["chunk_state"], s["u"], s["state"]],
+        out_specs=(s["u"], s["lcol"], s["bc_head"], s["bc_head"], s["state"]),
+        scratch_shapes=[_scratch((p, n))],
+        compiler_params=_tpu_params("parallel", "parallel", "arbitrary"),
+        interpret=interpret,
+    )(u, lcol, lrow, B, C, h_in, dy, dhT)
+
+
+# ----------------------------------------------------------------------------------------------- GPU form
+def _gpu_params():
+    try:
+        from jax.experimental.pallas import triton as plt
+
+        return plt.CompilerParams(num_warps=4, num_stages=2)
+    except (ImportError, AttributeError):            # no Triton backend in this jax: let Pallas choose
+        return None
+
+
+def _state_kernel(u_ref, lcol_ref, lrow_ref, b_ref, s_ref):
+    s_ref[...] = cm.chunk_state(u_ref[...].astype(F32), lcol_ref[...].astype(F32), lrow_ref[...].astype(F32),
+                                b_ref[...].astype(F32))
+
+
+def _output_kernel(u_ref, lcol_ref, lrow_ref, b_ref, c_ref, hin_ref, y_ref):
+    y_ref[...] = cm.chunk_output(u_ref[...].astype(F32), lcol_ref[...].astype(F32), lrow_ref[...].astype(F32),
+                                 b_ref[...].astype(F32), c_ref[...].astype(F32), hin_ref[...])
+
+
+def _dstate_kernel(lcol_ref, lrow_ref, c_ref, dy_ref, d_ref):
+    d_ref[...] = cm.chunk_dstate(lcol_ref[...].astype(F32), lrow_ref[...].astype(F32), c_ref[...].astype(F32),
+                                 dy_ref[...].astype(F32))
+
+
+def _chunk_backward_kernel(u_ref, lcol_ref, lrow_ref, b_ref, c_ref, hin_ref, dy_ref, g_ref,
+                           du_ref, dl_ref, db_ref, dc_ref):
+    du, dl, dB, dC, _ = cm.chunk_backward(
+        u_ref[...].astype(F32), lcol_ref[...].astype(F32), lrow_ref[...].astype(F32), b_ref[...].astype(F32),
+        c_ref[...].astype(F32), hin_ref[...], dy_ref[...].astype(F32), g_ref[...])
+    du_ref[...] = du
+    dl_ref[...] = dl
+    db_ref[...] = dB
+    dc_ref[...] = dC
+
+
+def _parallel_call(kernel, out_shapes, in_specs, out_specs, grid, interpret):
+    return pl.pallas_call(kernel, out_shape=out_shapes, grid=grid, in_specs=in_specs, out_specs=out_specs,
+                          compiler_params=None if interpret else _gpu_params(), interpret=interpret)
+
+
+def _chunk_totals(lrow, nc):
+    b, h = lrow.shape[:2]
+    return jnp.sum(lrow.reshape(b, h, nc, -1), axis=-1)              # [b, H, nc] log decay of each chunk
+
+
+def parallel_forward(u, lcol, lrow, B, C, h0, chunk: int, interpret: bool):
+    """Same results as tpu_forward, with no sequential grid axis."""
+    b, h, t, p, g, n = _dims(u, B)
+    nc = t // chunk
+    s = _specs(chunk, p, n, h // g)
+    own = _parallel_call(_state_kernel, jax.ShapeDtypeStruct((b, h, nc, p, n), F32),
+                         [s["u"], s["lcol"], s["lrow"], s["bc"]], s["chunk_state"], (b, h, nc), interpret
+                         )(u, lcol, lrow, B)
+    decay = jnp.exp(_chunk_totals(lrow, nc))
+
+    def carry(state, xs):
+        d, new = xs
+        return d[..., None, None] * state + new, state
+
+    final, entering = jax.lax.scan(carry, h0.astype(F32), (jnp.moveaxis(decay, 2, 0), jnp.moveaxis(own, 2, 0)))
+    entering = jnp.moveaxis(entering, 0, 2)
+    y = _parallel_call(_output_kernel, jax.ShapeDtypeStruct((b, h, t, p), F32),
+                       [s["u"], s["lcol"], s["lrow"], s["bc"], s["bc"], s["chunk_state"]], s["u"], (b, h, nc),
+                       interpret)(u, lcol, lrow, B, C, entering)
+    return y, final, entering
+
+
+def parallel_backward(u, lcol, lrow, B, C, h_in, dy, dhT, chunk: int, interpret: bool):
+    """Same results as tpu_backward: chunk state-gradients in parallel, a reverse XLA scan, then chunks."""
+    b, h, t, p, g, n = _dims(u, B)
+    nc = t // chunk
+    s = _specs(chunk, p, n, h // g)
+    own = _parallel_call(_dstate_kernel, jax.ShapeDtypeStruct((b, h, nc, p, n), F32),
+                         [s["lcol"], s["lrow"], s["bc"], s["u"]], s["chunk_state"], (b, h, nc), interpret
+                         )(lcol, lrow, C, dy)
+    decay = jnp.exp(_chunk_totals(lrow, nc))
+
+    def carry(G, xs):                       # G: gradient w.r.t. the state leaving this chunk
+        d, own_c = xs
+        return d[..., None, None] * G + own_c, G
+
+    dh0, leaving = jax.lax.scan(carry, dhT.astype(F32), (jnp.moveaxis(decay, 2, 0), jnp.moveaxis(own, 2, 0)),
+                                reverse=True)
+    leaving = jnp.moveaxis(leaving, 0, 2)
+    shapes = [(b, h, t, p), (b, h, t, 1), (b, h, t, n), (b, h, t, n)]
+    du, dl, dB, dC = _parallel_call(
+        _chunk_backward_kernel, tuple(jax.ShapeDtypeStruct(sh, F32) for sh in shapes),
+        [s["u"], s["lcol"], s["lrow"], s["bc"], s["bc"], s["chunk_state"], s["u"], s["chunk_state"]],
+        (s["u"], s["lcol"], s["bc_head"], s["bc_head"]), (b, h, nc), interpret)(u, lcol, lrow, B, C, h_in, dy,
+                                                                              leaving)
+    return du, dl, dB, dC, dh0
+
+
+FORMS = {"tpu": (tpu_forward, tpu_backward), "gpu": (parallel_forward, parallel_backward)}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def ssd_core(u, l, B, C, h0, chunk: int, form: str, interpret: bool):
+    """u [b,H,T,P], l [b,H,T], B/C [b,G,T,N], h0 [b,H,P,N] with T % chunk == 0 -> (y fp32, final state)."""
+    y, final, _ = _forward(u, l, B, C, h0, chunk, form, interpret)
+    return y, final
+
+
+def _orient(l):
+    return l[..., None], l[:, :, None, :]
+
+
+def _forward(u, l, B, C, h0, chunk, form, interpret):
+    lcol, lrow = _orient(l.astype(F32))
+    return FORMS[form][0](u, lcol, lrow, B, C, h0.astype(F32), chunk, interpret)
+
+
+def _ssd_core_fwd(u, l, B, C, h0, chunk, form, interpret):
+    y, final, entering = _forward(u, l, B, C, h0, chunk, form, interpret)
+    return (y, final), (u, l, B, C, entering, h0)
+
+
+def _ssd_core_bwd(chunk, form, interpret, residuals, grads):
+    u, l, B, C, entering, h0 = residuals
+    dy, dhT = grads
+    lcol, lrow = _orient(l.astype(F32))
+    du, dl, dB, dC, dh0 = FORMS[form][1](u, lcol, lrow, B, C, entering, dy.astype(F32), dhT.astype(F32), chunk,
+                                         interpret)
+    b, h, t, _ = u.shape
+    g, n = B.shape[1], B.shape[3]
+
+    def per_group(d):                       # per-head gradients summed over the heads sharing a group
+        return d.reshape(b, g, h // g, t, n).sum(axis=2).astype(B.dtype)
+
+    return (du.astype(u.dtype), dl[..., 0].astype(l.dtype), per_group(dB), per_group(dC), dh0.astype(h0.dtype))
+
+
+ssd_core.defvjp(_ssd_core_fwd, _ssd_core_bwd)
