@@ -73,3 +73,14 @@ def interleaved_medians(workers: dict, task: str, repeats: int) -> dict:
 
 def emit(record: dict) -> None:
     print(json.dumps(record), flush=True)
+
+
+def best_time(fn, repeats: int) -> float:
+    """Seconds of the fastest of `repeats` calls of fn() after one warm-up call (fn must block until done)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best

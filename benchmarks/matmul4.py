@@ -9,17 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import os
+import sys
 
+sys.path.insert(0, os.path.dirname(__file__))
 
-def timed(fn, repeats):
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+from common import best_time as timed  # noqa: E402
 
 
 def main() -> None:
