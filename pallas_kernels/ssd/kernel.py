@@ -62,6 +62,18 @@ def _dims(u, B):
     return b, h, t, p, g, n
 
 
+def _chunk_grads(u_ref, lcol_ref, lrow_ref, b_ref, c_ref, hin_ref, dy_ref, G, du_ref, dl_ref, db_ref, dc_ref):
+    """Backward of one chunk (both forms): writes du, dl, dB, dC; returns the entering state's gradient."""
+    du, dl, dB, dC, dh = cm.chunk_backward(
+        u_ref[...].astype(F32), lcol_ref[...].astype(F32), lrow_ref[...].astype(F32), b_ref[...].astype(F32),
+        c_ref[...].astype(F32), hin_ref[...], dy_ref[...].astype(F32), G)
+    du_ref[...] = du
+    dl_ref[...] = dl
+    db_ref[...] = dB
+    dc_ref[...] = dC
+    return dh
+
+
 # ----------------------------------------------------------------------------------------------- TPU form
 def _tpu_forward_kernel(u_ref, lcol_ref, lrow_ref, b_ref, c_ref, h0_ref, y_ref, hT_ref, hin_ref, h_scr):
     c = pl.program_id(2)
@@ -108,13 +120,8 @@ def _tpu_backward_kernel(u_ref, lcol_ref, lrow_ref, b_ref, c_ref, hin_ref, dy_re
     def _():
         g_scr[...] = dhT_ref[...].astype(F32)
 
-    du, dl, dB, dC, dh = cm.chunk_backward(
-        u_ref[...].astype(F32), lcol_ref[...].astype(F32), lrow_ref[...].astype(F32), b_ref[...].astype(F32),
-        c_ref[...].astype(F32), hin_ref[...], dy_ref[...].astype(F32), g_scr[...])
-    du_ref[...] = du
-    dl_ref[...] = dl
-    db_ref[...] = dB
-    dc_ref[...] = dC
+    dh = _chunk_grads(u_ref, lcol_ref, lrow_ref, b_ref, c_ref, hin_ref, dy_ref, g_scr[...],
+                      du_ref, dl_ref, db_ref, dc_ref)
     g_scr[...] = dh
 
     @pl.when(c == pl.num_programs(2) - 1)
@@ -167,13 +174,7 @@ def _dstate_kernel(lcol_ref, lrow_ref, c_ref, dy_ref, d_ref):
 
 def _chunk_backward_kernel(u_ref, lcol_ref, lrow_ref, b_ref, c_ref, hin_ref, dy_ref, g_ref,
                            du_ref, dl_ref, db_ref, dc_ref):
-    du, dl, dB, dC, _ = cm.chunk_backward(
-        u_ref[...].astype(F32), lcol_ref[...].astype(F32), lrow_ref[...].astype(F32), b_ref[...].astype(F32),
-        c_ref[...].astype(F32), hin_ref[...], dy_ref[...].astype(F32), g_ref[...])
-    du_ref[...] = du
-    dl_ref[...] = dl
-    db_ref[...] = dB
-    dc_ref[...] = dC
+    _chunk_grads(u_ref, lcol_ref, lrow_ref, b_ref, c_ref, hin_ref, dy_ref, g_ref[...], du_ref, dl_ref, db_ref, dc_ref)
 
 
 def _parallel_call(kernel, out_shapes, in_specs, out_specs, grid, interpret):
