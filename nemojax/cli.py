@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Optional
+
+from nemojax.convert.auto import load_model
 
 
 def _cmd_convert(args) -> int:
@@ -69,20 +70,6 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-def load_model(path: str, dtype: Optional[str] = None):
-    """An HF checkpoint directory (config.json + safetensors) or a nemojax Orbax directory."""
-    import os
-
-    from nemojax.convert.hf import load_hf
-    from nemojax.convert.orbax import CONFIG_FILE, load_orbax
-
-    if os.path.isfile(os.path.join(path, CONFIG_FILE)):
-        return load_orbax(path, dtype=dtype)
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return load_hf(path, dtype=dtype or "float32")
-    raise FileNotFoundError(f"{path} is neither an HF checkpoint (config.json) nor a nemojax Orbax checkpoint")
-
-
 def _cmd_generate(args) -> int:
     from nemojax.generate import stream_generate
     from nemojax.tokenizer import load_tokenizer
@@ -115,6 +102,22 @@ def _cmd_generate(args) -> int:
     decode_rate = (len(generated) - 1) / (t1 - t_first) if len(generated) > 1 else float("nan")
     print(f"\n[{len(generated)} tokens; prefill + first token {t_first - t0:.2f}s; decode {decode_rate:.1f} tok/s]",
           file=sys.stderr)
+    return 0
+
+
+def _cmd_pack(args) -> int:
+    from nemojax.convert.orbax import copy_tokenizer_files
+    from nemojax.quant.pack import PackSpec, pack_model, save_packed, weight_bytes
+
+    model = load_model(args.src)
+    before = weight_bytes(model)
+    spec = PackSpec(args.format, args.group, embeddings=not args.keep_embeddings, lm_head=not args.keep_lm_head)
+    report = pack_model(model, spec)
+    save_packed(model, args.dst, spec, force=args.force)
+    copy_tokenizer_files(args.src, args.dst)
+    skipped = f"; left unpacked (K fits no block): {', '.join(report['skipped'])}" if report["skipped"] else ""
+    print(f"packed {report['packed']} weights to {args.format}: {before / 2**20:.1f} MiB -> "
+          f"{weight_bytes(model) / 2**20:.1f} MiB{skipped}; wrote {args.dst}")
     return 0
 
 
@@ -179,6 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's eos token(s)")
     g.set_defaults(func=_cmd_generate)
+
+    k = sub.add_parser("pack", help="pack a model's linear weights to 4 bits (NVFP4 or int4) for serving")
+    k.add_argument("src", help="HF checkpoint dir or nemojax Orbax dir")
+    k.add_argument("dst")
+    k.add_argument("--format", choices=["nvfp4", "int4"], default="nvfp4")
+    k.add_argument("--group", type=int, default=128, help="int4 rows per scale (32/64/128)")
+    k.add_argument("--keep-embeddings", action="store_true", help="leave the embedding table unpacked")
+    k.add_argument("--keep-lm-head", action="store_true", help="leave the output layer unpacked")
+    k.add_argument("--force", action="store_true", help="overwrite an existing packed model")
+    k.set_defaults(func=_cmd_pack)
 
     d = sub.add_parser("demo", help="forward pass of a randomly initialised model")
     d.add_argument("--config", default="configs/tiny.yaml")

@@ -226,7 +226,7 @@ class ModelConfig:
     def from_dict(cls, d: dict, what: str = "model config") -> "ModelConfig":
         """Builds from our own field names (YAML configs). Unknown keys are errors, with a suggestion."""
         _check_keys(d, what)
-        return cls(**d)
+        return cls(**coerce_numbers(cls, d, what))
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -406,6 +406,40 @@ def _json_float(value) -> float:
 def _float_to_json(value: float):
     """Non-finite floats in transformers' own JSON encoding (plain JSON has no Infinity)."""
     return value if math.isfinite(value) else {"__float__": str(value).replace("inf", "Infinity")}
+
+
+def coerce_numbers(cls, d: dict, what: str) -> dict:
+    """Values for float / int / bool fields given as strings or ints -> the field's type. YAML 1.1 reads
+    `1e-3` (no dot) as a string, which would otherwise reach the code as one. Unconvertible values raise."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    out = dict(d)
+    for key, value in d.items():
+        hint = hints.get(key)
+        args = typing.get_args(hint)
+        if args and type(None) in args and len(args) == 2:        # Optional[X]
+            hint = next(a for a in args if a is not type(None))
+            if value is None:
+                continue
+        if hint not in (float, int, bool) or isinstance(value, bool) and hint is bool:
+            continue
+        try:
+            if hint is bool:
+                if not isinstance(value, str) or value.lower() not in ("true", "false"):
+                    raise ValueError
+                out[key] = value.lower() == "true"
+            elif hint is int:
+                if isinstance(value, float) and not value.is_integer() or isinstance(value, bool):
+                    raise ValueError
+                out[key] = int(value)
+            else:
+                if isinstance(value, bool):
+                    raise ValueError
+                out[key] = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{what}.{key} must be {hint.__name__}, got {value!r}") from None
+    return out
 
 
 def _check_keys(d: dict, what: str) -> None:

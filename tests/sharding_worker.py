@@ -12,6 +12,7 @@ from flax import nnx
 
 from nemojax.config import ModelConfig
 from nemojax.model import NemotronH
+from nemojax.quant import apply_precision
 from nemojax.sharding import MeshConfig, batch_sharding, make_mesh, shard_model
 from nemojax.train.trainer import TrainConfig, make_train_step
 
@@ -75,6 +76,16 @@ def main(ckpt_dir):
     third = train(model_b, opt_b, 1, mesh_b)[0]
     out["resumed_loss_diff"] = abs(third - ref_losses[2])
     out["ref_losses"] = ref_losses
+    # quantized training under the same mesh: the quantizers' amax reductions span shards, and the SR noise
+    # does not depend on the sharding, so losses match the 1-device run up to fp32 reduction order
+    for precision in ("aqt_int8", "nvfp4"):
+        losses = []
+        for mesh in (None, mesh_a):
+            model, opt = build(mesh)
+            apply_precision(model, precision)
+            losses.append(train(model, opt, 2, mesh))
+        out[f"{precision}_loss_diff"] = float(np.max(np.abs(np.subtract(*losses))))
+        out[f"{precision}_vs_fp32"] = abs(losses[0][1] - ref_losses[1])
     print("RESULT " + json.dumps(out))
 
 

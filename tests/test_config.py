@@ -113,3 +113,15 @@ def test_config_is_frozen_and_replace_validates():
     with pytest.raises(ConfigError, match="unknown key"):
         cfg.replace(hidden=3)
     assert cfg.replace(dtype="bfloat16").dtype == "bfloat16"
+
+
+def test_numbers_written_without_a_dot_are_numbers():
+    from nemojax.train.trainer import load_run_config
+
+    # YAML 1.1 reads 1e-3 as a string; config fields are typed, so it must arrive as a float
+    model_cfg, train_cfg = load_run_config("configs/tiny.yaml", ("train.optim.lr=1e-3", "model.initializer_range=2e-2"))
+    assert train_cfg.optim.lr == 0.001 and model_cfg.initializer_range == 0.02
+    with pytest.raises(ConfigError, match="train.optim.lr must be float, got 'fast'"):
+        load_run_config("configs/tiny.yaml", ("train.optim.lr=fast",))
+    with pytest.raises(ConfigError, match="train.steps must be int, got 1.5"):
+        load_run_config("configs/tiny.yaml", ("train.steps=1.5",))

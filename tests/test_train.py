@@ -7,27 +7,11 @@ import os
 import jax
 import numpy as np
 import pytest
+from train_helpers import make
 
 from nemojax.config import ConfigError
-from nemojax.train.data import Corpus
 from nemojax.train.optim import OptimConfig, decay_mask, schedule
-from nemojax.train.trainer import Trainer, TrainingError, load_run_config
-
-SMALL = ("model.hidden_size=64", "model.intermediate_size=128", "model.mamba_num_heads=4", "model.mamba_head_dim=16",
-         "model.ssm_state_size=16", "model.head_dim=16", "train.data.seq_len=64", "train.data.batch_size=4",
-         "train.eval_every=10", "train.eval_batches=2", "train.save_every=5",
-         "train.log_every=5", "train.optim.warmup_steps=5", "train.steps=20")
-
-
-@pytest.fixture(scope="module")
-def corpus():
-    """One stdlib corpus index shared by the tests (documents are read lazily)."""
-    return Corpus(load_run_config("configs/tiny.yaml", SMALL)[1].data)
-
-
-def make(tmp_path, corpus, *extra):
-    model_cfg, train_cfg = load_run_config("configs/tiny.yaml", SMALL + (f"train.ckpt_dir={tmp_path}",) + extra)
-    return Trainer(model_cfg, train_cfg, corpus)
+from nemojax.train.trainer import TrainingError, load_run_config
 
 
 def params_of(trainer):

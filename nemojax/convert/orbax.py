@@ -23,7 +23,8 @@ PARAMS_DIR = "params"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
-def save_orbax(model: NemotronH, directory: str, force: bool = False) -> None:
+def save_orbax(model: NemotronH, directory: str, force: bool = False, variables=PERSISTENT) -> None:
+    """Writes the model's `variables` (default: parameters and MoE bias) and its config to `directory`."""
     import orbax.checkpoint as ocp
 
     directory = os.path.abspath(directory)
@@ -33,7 +34,7 @@ def save_orbax(model: NemotronH, directory: str, force: bool = False) -> None:
             raise FileExistsError(f"{params_dir} already exists; pass force=True (--force) to overwrite")
         shutil.rmtree(params_dir)
     os.makedirs(directory, exist_ok=True)
-    state = nnx.to_pure_dict(nnx.state(model, PERSISTENT))
+    state = nnx.to_pure_dict(nnx.state(model, variables))
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(params_dir, state)
         ckptr.wait_until_finished()
@@ -41,23 +42,32 @@ def save_orbax(model: NemotronH, directory: str, force: bool = False) -> None:
         json.dump(_json_safe(model.config.to_dict()), f, indent=2)
 
 
-def load_orbax(directory: str, dtype: Optional[str] = None) -> NemotronH:
-    """Restores a model saved by save_orbax; dtype (optional) recasts parameters and compute."""
-    import orbax.checkpoint as ocp
-
-    directory = os.path.abspath(directory)
+def read_config(directory: str) -> ModelConfig:
+    """The ModelConfig saved next to an Orbax parameter tree."""
     cfg_file = os.path.join(directory, CONFIG_FILE)
     if not os.path.exists(cfg_file):
         raise FileNotFoundError(f"{directory} is not a nemojax Orbax checkpoint: no {CONFIG_FILE}")
     with open(cfg_file) as f:
         raw = json.load(f)
     raw["time_step_limit"] = tuple(float(v) for v in raw["time_step_limit"])
-    cfg = ModelConfig.from_dict(raw, what=cfg_file)
+    return ModelConfig.from_dict(raw, what=cfg_file)
+
+
+def restore_params(directory: str, target: dict) -> dict:
+    """The saved parameter tree, restored with the structure, shapes and dtypes of `target`."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(os.path.join(directory, PARAMS_DIR), target)
+
+
+def load_orbax(directory: str, dtype: Optional[str] = None) -> NemotronH:
+    """Restores a model saved by save_orbax; dtype (optional) recasts parameters and compute."""
+    directory = os.path.abspath(directory)
+    cfg = read_config(directory)
     graphdef, abstract_state = abstract_model(cfg)
     target = nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, abstract_state), PERSISTENT))
-    with ocp.StandardCheckpointer() as ckptr:
-        restored = ckptr.restore(os.path.join(directory, PARAMS_DIR), target)
-    model = materialize(graphdef, abstract_state, _flatten(restored))
+    model = materialize(graphdef, abstract_state, _flatten(restore_params(directory, target)))
     if dtype is not None and dtype != cfg.param_dtype:
         model = cast_model(model, dtype)
     return model

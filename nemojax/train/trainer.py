@@ -10,6 +10,7 @@ dotted names (`train.steps=100`, `model.hidden_size=64`, `train.optim.lr=1e-3`, 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -23,9 +24,10 @@ import optax
 import yaml
 from flax import nnx
 
-from nemojax.config import ConfigError, ModelConfig
+from nemojax.config import ConfigError, ModelConfig, coerce_numbers
 from nemojax.layers.moe import moe_aux_loss, update_expert_bias
 from nemojax.model import PERSISTENT, NemotronH
+from nemojax.quant.recipe import PRECISIONS, QuantOptions, apply_precision, rounding_key
 from nemojax.sharding import MeshConfig, batch_sharding, make_mesh, shard_model
 from nemojax.train.data import Corpus, DataConfig
 from nemojax.train.loss import cross_entropy, lm_and_mtp_losses, shifted_mask
@@ -52,6 +54,16 @@ class TrainConfig:
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     mesh: MeshConfig = MeshConfig()       # data=-1 fills the devices; e.g. train.mesh.tensor=2
+    precision: str = "bf16"               # bf16 (no quantization) | fp8 | nvfp4 | aqt_int8 | aqt_int4
+    quant: QuantOptions = QuantOptions()  # recipe details (high-precision blocks, RHT, SR, forward switch)
+    qad_teacher: str = ""                 # model dir: distill it into an NVFP4 student started from its weights
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.qad_teacher and self.precision != "nvfp4":
+            raise ConfigError(f"QAD (train.qad_teacher) distills into an nvfp4 student; set train.precision=nvfp4 "
+                              f"(got {self.precision!r})")
 
 
 def _build(cls, d: dict, what: str):
@@ -62,9 +74,10 @@ def _build(cls, d: dict, what: str):
             import difflib
             hint = difflib.get_close_matches(key, list(fields), n=1)
             raise ConfigError(f"unknown key {key!r} in {what}" + (f"; did you mean {hint[0]!r}?" if hint else ""))
-        sub = {"data": DataConfig, "optim": OptimConfig, "mesh": MeshConfig}.get(key) if cls is TrainConfig else None
+        sub = ({"data": DataConfig, "optim": OptimConfig, "mesh": MeshConfig, "quant": QuantOptions}.get(key)
+               if cls is TrainConfig else None)
         kwargs[key] = _build(sub, value, f"{what}.{key}") if sub else value
-    return cls(**kwargs)
+    return cls(**coerce_numbers(cls, kwargs, what))
 
 
 def load_run_config(path: str, overrides: tuple = ()) -> tuple[ModelConfig, TrainConfig]:
@@ -87,6 +100,8 @@ def load_run_config(path: str, overrides: tuple = ()) -> tuple[ModelConfig, Trai
 
 
 def make_train_step(model_cfg: ModelConfig, cfg: TrainConfig, lr_schedule: optax.Schedule):
+    """step(model, opt, tokens [batch, seq+1], teacher=None) -> metrics. With a teacher (QAD) the loss is the
+    logit KL to it alone; "loss" then reports the student's cross entropy for comparison."""
     mtp_depth = model_cfg.mtp_depth if model_cfg.num_nextn_predict_layers else 0
     has_moe = "E" in model_cfg.pattern
 
@@ -95,13 +110,28 @@ def make_train_step(model_cfg: ModelConfig, cfg: TrainConfig, lr_schedule: optax
         total = main + cfg.mtp_loss_weight * sum(mtp) + (moe_aux_loss(model) if has_moe else 0.0)
         return total, (main, mtp)
 
-    @nnx.jit
-    def step(model, opt, tokens):
-        (loss, (main, mtp)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, tokens)
+    def qad_loss_fn(model, tokens, teacher):
+        from nemojax.quant.qad import logit_kl
+
+        student_logits = model(tokens)
+        kl = logit_kl(jax.lax.stop_gradient(teacher(tokens)), student_logits)
+        return kl, (jax.lax.stop_gradient(next_token_ce(student_logits, tokens)), [])
+
+    # the model and optimizer state are donated: XLA writes the new state into the old buffers instead of
+    # holding two copies of parameters + Adam moments at the step boundary
+    @functools.partial(nnx.jit, donate_argnums=(0, 1))
+    def step(model, opt, tokens, teacher=None):
+        # a fresh stochastic-rounding key per step for quantized matmuls (layers fold in their own ids)
+        with rounding_key(jax.random.fold_in(jax.random.key(cfg.seed + 7919), opt.step[...])):
+            if teacher is None:
+                (loss, (main, mtp)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, tokens)
+            else:
+                (loss, (main, mtp)), grads = nnx.value_and_grad(qad_loss_fn, has_aux=True)(model, tokens, teacher)
         opt.update(model, grads)
         if has_moe and cfg.moe_bias_update_rate:
             update_expert_bias(model, cfg.moe_bias_update_rate)
-        metrics = {"loss": main, "total_loss": loss, "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": main, ("kl_loss" if teacher is not None else "total_loss"): loss,
+                   "grad_norm": optax.tree.norm(grads),
                    "lr": lr_schedule(opt.step[...] - 1)}
         for k, m in enumerate(mtp, start=1):
             metrics[f"mtp_loss_{k}"] = m
@@ -110,9 +140,14 @@ def make_train_step(model_cfg: ModelConfig, cfg: TrainConfig, lr_schedule: optax
     return step
 
 
+def next_token_ce(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Cross entropy of logits [b, t, V] against the next token of tokens [b, t] (last position not counted)."""
+    return cross_entropy(logits, jnp.roll(tokens, -1, axis=1), shifted_mask(jnp.ones_like(tokens), 1))
+
+
 @nnx.jit
 def eval_loss(model, tokens):
-    return cross_entropy(model(tokens), jnp.roll(tokens, -1, axis=1), shifted_mask(jnp.ones_like(tokens), 1))
+    return next_token_ce(model(tokens), tokens)
 
 
 class MetricsLog:
@@ -159,15 +194,35 @@ class Trainer:
         self._val_batches = None
         self.lr_schedule = schedule(cfg.optim, cfg.steps)
         self.model = NemotronH(model_cfg, nnx.Rngs(cfg.seed))
+        self.teacher = self._load_teacher() if cfg.qad_teacher else None
         self.opt = nnx.Optimizer(self.model, make_optimizer(cfg.optim, cfg.steps), wrt=nnx.Param)
         self.mesh = make_mesh(cfg.mesh)
         if self.mesh.size > 1:       # parameters and optimizer state placed by their specs; restores keep them
             shard_model(self.model, self.mesh)
             shard_model(self.opt, self.mesh)
+            if self.teacher is not None:
+                shard_model(self.teacher, self.mesh)
         if cfg.data.batch_size % (self.mesh.shape["data"] * self.mesh.shape["fsdp"]):
             raise ConfigError(f"batch_size {cfg.data.batch_size} is not divisible by the data x fsdp mesh axes "
                               f"({self.mesh.shape['data']} x {self.mesh.shape['fsdp']})")
         self.history: list[dict] = []
+
+    def _load_teacher(self) -> NemotronH:
+        """The frozen QAD teacher; the student starts from its weights (post-training quantization)."""
+        from nemojax.convert.auto import load_model
+        from nemojax.quant.qad import check_same_architecture
+
+        teacher = load_model(self.cfg.qad_teacher, dtype=self.model_cfg.param_dtype)
+        check_same_architecture(self.model_cfg, teacher.config)
+        # copies: the train step donates the student's buffers, which must not be the teacher's
+        nnx.update(self.model, jax.tree.map(jnp.copy, nnx.state(teacher, PERSISTENT)))
+        return teacher
+
+    def apply_precision(self, step: int) -> None:
+        """Sets the model's linear layers to the run's precision as of `step` (the forward may have switched
+        back to high precision); a change of the layers' matmuls makes the jitted step retrace once."""
+        apply_precision(self.model, self.cfg.precision, self.cfg.quant, step=step,
+                        straight_through=self.teacher is not None)
 
     # ------------------------------------------------------------------ checkpoints
     def _manager(self):
@@ -223,6 +278,8 @@ class Trainer:
         cfg = self.cfg
         mgr = self._manager()
         start, data_state = self._restore(mgr)
+        self.apply_precision(start)
+        switch = cfg.quant.bf16_forward_from_step if cfg.precision != "bf16" else 0
         it = self.corpus.train_iterator(data_state)
         step_fn = make_train_step(self.model_cfg, cfg, self.lr_schedule)
         log = MetricsLog(self.log_dir, enabled=self.is_chief)
@@ -237,7 +294,9 @@ class Trainer:
         t_last = time.perf_counter()
         try:
             for step in bar:
-                metrics = step_fn(self.model, self.opt, self._global_batch(next(it)))
+                if switch and step == switch:
+                    self.apply_precision(step)
+                metrics = step_fn(self.model, self.opt, self._global_batch(next(it)), self.teacher)
                 record = {k: float(v) for k, v in metrics.items()}
                 if loss_hook is not None:
                     record["loss"] = loss_hook(step + 1, record["loss"])

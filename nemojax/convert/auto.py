@@ -1,0 +1,24 @@
+"""Load a model from either checkpoint kind by looking at what the directory holds."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+
+def load_model(path: str, dtype: Optional[str] = None):
+    """An HF checkpoint directory (config.json + safetensors), a nemojax Orbax directory or a packed 4-bit
+    directory (`nemojax pack`) -> NemotronH."""
+    from nemojax.convert.hf import load_hf
+    from nemojax.convert.orbax import CONFIG_FILE, load_orbax
+    from nemojax.quant.pack import PACK_FILE, load_packed
+
+    if os.path.isfile(os.path.join(path, PACK_FILE)):
+        if dtype is not None:
+            raise ValueError(f"{path} holds a packed 4-bit model; it cannot be recast to {dtype}")
+        return load_packed(path)
+    if os.path.isfile(os.path.join(path, CONFIG_FILE)):
+        return load_orbax(path, dtype=dtype)
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return load_hf(path, dtype=dtype or "float32")
+    raise FileNotFoundError(f"{path} is neither an HF checkpoint (config.json) nor a nemojax Orbax checkpoint")
