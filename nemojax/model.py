@@ -15,9 +15,11 @@ from nemojax.layers.common import dtypes, linear
 from nemojax.layers.moe import ExpertBias
 from nemojax.layers.mtp import MTPBlock, shift_left
 from nemojax.layers.norm import RMSNorm
+from nemojax.sharding import constrain
 
 # What a checkpoint holds: trainable parameters and the MoE correction bias (a buffer, not trained by grads).
 PERSISTENT = (nnx.Param, ExpertBias)
+RESIDUAL = ("batch", "seq", "embed")           # logical axes of the residual stream (sharding.ACTIVATION_AXES)
 
 
 def _call_block(block: Block, h: jax.Array, attention_mask: Optional[jax.Array]) -> jax.Array:
@@ -52,16 +54,15 @@ class NemotronH(nnx.Module):
         """Final-normed hidden states [batch, seq, hidden]."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
-        h = self.embeddings(input_ids)
+        h = constrain(self.embeddings(input_ids), RESIDUAL)
         run = remat_block(self.config.remat)
         for block in self.layers:
-            h = run(block, h, attention_mask)
+            h = constrain(run(block, h, attention_mask), RESIDUAL)
         return self.norm_f(h.astype(dtypes(self.config)[0]))
 
     def logits(self, h: jax.Array) -> jax.Array:
-        if self.lm_head is None:
-            return self.embeddings.attend(h).astype(jnp.float32)
-        return self.lm_head(h).astype(jnp.float32)
+        out = self.embeddings.attend(h) if self.lm_head is None else self.lm_head(h)
+        return constrain(out.astype(jnp.float32), ("batch", "seq", "vocab"))
 
     def __call__(self, input_ids: jax.Array, attention_mask: Optional[jax.Array] = None) -> jax.Array:
         return self.logits(self.hidden_states(input_ids, attention_mask))

@@ -112,6 +112,26 @@ def param_shardings(state, mesh: Mesh):
     return jax.tree_util.tree_map_with_path(one, state)
 
 
+# logical activation axes -> mesh axes. The residual stream is sharded over the batch only: tensor-parallel
+# layers gather it at their input and reduce at their output, as in Megatron's non-sequence-parallel layout.
+ACTIVATION_AXES = {"batch": ("data", "fsdp"), "seq": None, "embed": None, "vocab": ("tensor",)}
+
+
+def constrain(x: jax.Array, logical: tuple) -> jax.Array:
+    """Pins activation x to the mesh axes of its logical axes (ACTIVATION_AXES) when a mesh is set with
+    jax.set_mesh (the trainer sets its mesh around each step); a no-op without one. Axes that do not divide
+    their dimension are left unsharded."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = []
+    for dim, name in zip(x.shape, logical):
+        kept = tuple(a for a in ACTIVATION_AXES.get(name) or () if mesh.shape.get(a, 1) > 1)
+        size = int(np.prod([mesh.shape[a] for a in kept])) if kept else 1
+        spec.append(kept if kept and dim % size == 0 else None)
+    return jax.lax.with_sharding_constraint(x, P(*spec))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """[batch, seq] arrays: batch over data x fsdp."""
     return NamedSharding(mesh, P(("data", "fsdp"), None))

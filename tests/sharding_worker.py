@@ -36,8 +36,22 @@ def build(mesh=None):
 
 def train(model, opt, steps, mesh=None):
     step = make_train_step(CFG, TCFG, optax.constant_schedule(1e-2))
-    batch = jax.device_put(BATCH, batch_sharding(mesh)) if mesh is not None else BATCH
-    return [float(step(model, opt, batch)["loss"]) for _ in range(steps)]
+    if mesh is None:
+        return [float(step(model, opt, BATCH)["loss"]) for _ in range(steps)]
+    with jax.set_mesh(mesh):             # as the Trainer does: activation constraints apply
+        batch = jax.device_put(BATCH, batch_sharding(mesh))
+        return [float(step(model, opt, batch)["loss"]) for _ in range(steps)]
+
+
+def activation_constraints(model, mesh) -> list:
+    """Partition specs of the sharding constraints in the lowered forward pass."""
+    import re
+
+    graphdef, state = nnx.split(model)
+    with jax.set_mesh(mesh):
+        text = jax.jit(lambda s, ids: nnx.merge(graphdef, s)(ids)).lower(
+            state, jax.device_put(BATCH, batch_sharding(mesh))).as_text()
+    return re.findall(r"sharding_constraint[^\n]*?<@mesh, \[([^\n]*?)\]>", text)
 
 
 def params(model):
@@ -53,6 +67,8 @@ def main(ckpt_dir):
     spec = model.layers[0].mixer.in_proj_x.kernel[...].sharding.spec
     out["in_proj_x_spec"] = [str(s) for s in spec]
     out["expert_up_spec"] = [str(s) for s in model.layers[1].mixer.up_proj[...].sharding.spec]
+    out["constraints"] = activation_constraints(model, mesh_a)
+    out["num_blocks"] = len(CFG.pattern)
     losses = train(model, opt, 3, mesh_a)
     out["loss_diff"] = float(np.max(np.abs(np.asarray(losses) - ref_losses)))
     out["param_diff"] = float(max(np.max(np.abs(a - b)) for a, b in zip(params(model), params(ref_model))))

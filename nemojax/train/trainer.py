@@ -9,6 +9,7 @@ dotted names (`train.steps=100`, `model.hidden_size=64`, `train.optim.lr=1e-3`, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -261,11 +262,16 @@ class Trainer:
         """This host's rows [batch / hosts, seq] -> the global [batch, seq] array sharded over data x fsdp."""
         return jax.make_array_from_process_local_data(batch_sharding(self.mesh), np.asarray(local))
 
+    def _mesh_context(self):
+        """The mesh as jax's current mesh, so the model's activation constraints apply (multi-device only)."""
+        return jax.set_mesh(self.mesh) if self.mesh.size > 1 else contextlib.nullcontext()
+
     # ------------------------------------------------------------------ loop
     def validate(self) -> float:
         if self._val_batches is None:
             self._val_batches = self.corpus.validation_batches(self.cfg.eval_batches)
-        losses = [float(eval_loss(self.model, self._global_batch(b))) for b in self._val_batches]
+        with self._mesh_context():
+            losses = [float(eval_loss(self.model, self._global_batch(b))) for b in self._val_batches]
         return float(np.mean(losses)) if losses else float("nan")
 
     def run(self, stop_after: Optional[int] = None, progress: bool = True,
@@ -296,7 +302,8 @@ class Trainer:
             for step in bar:
                 if switch and step == switch:
                     self.apply_precision(step)
-                metrics = step_fn(self.model, self.opt, self._global_batch(next(it)), self.teacher)
+                with self._mesh_context():
+                    metrics = step_fn(self.model, self.opt, self._global_batch(next(it)), self.teacher)
                 record = {k: float(v) for k, v in metrics.items()}
                 if loss_hook is not None:
                     record["loss"] = loss_hook(step + 1, record["loss"])
