@@ -166,7 +166,9 @@ def test_precision_selection_per_recipe():
     assert precision_of(model) == {0: "high", **{i: "nvfp4" for i in range(1, 7)}}
     apply_precision(model, "aqt_int4")
     assert set(precision_of(model).values()) == {"aqt"}
-    assert model.lm_head.dot_general is jax.lax.dot_general      # the output layer is never quantized
+    assert model.lm_head.dot_general is jax.lax.dot_general      # the output layer stays high precision
+    apply_precision(model, "fp8", QuantOptions(quantize_lm_head=True))
+    assert model.lm_head.dot_general.kind == "fp8"
     apply_precision(model, "bf16")
     assert set(precision_of(model).values()) == {"high"}
     with pytest.raises(ConfigError, match="precision must be one of"):

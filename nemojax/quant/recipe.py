@@ -2,8 +2,9 @@
 
 `apply_precision(model, "nvfp4")` swaps the `dot_general` of the model's nnx.Linear layers for a `QuantDot`,
 so the model code stays unchanged and any model (fresh, HF-converted, restored) can be switched. Embeddings,
-the lm_head, MoE routers, the MTP head, attention's QK/PV products, the Mamba scan and the convolution always
-stay in the model's dtype (every NVIDIA recipe keeps them high precision). MoE expert weights are not
+MoE routers, the MTP head, attention's QK/PV products, the Mamba scan and the convolution always stay in the
+model's dtype (every NVIDIA recipe keeps them high precision); the lm_head does too unless
+`quantize_lm_head` is set. MoE expert weights are not
 nnx.Linear layers and stay high precision as well.
 
 Stochastic rounding needs a fresh key per step and layer: the train step opens `rounding_key(key)` around the
@@ -51,6 +52,7 @@ class QuantOptions:
     bf16_first: Optional[int] = None          # blocks at the start kept high precision (fp8: 2, nvfp4: ~3%)
     bf16_last: Optional[int] = None           # blocks at the end kept high precision (fp8: 2, nvfp4: ~13%)
     quantize_attention: Optional[bool] = None  # attention projections (nvfp4 keeps them high precision)
+    quantize_lm_head: bool = False            # the output layer (every recipe keeps it high precision)
     bf16_forward_from_step: int = 0           # from this step on the forward runs high precision (0 = never)
     nvfp4_2d_weights: bool = True             # 16x16 weight blocks (else 1x16 along the contraction axis)
     nvfp4_rht: bool = True                    # random Hadamard transform on the wgrad operands
@@ -165,6 +167,10 @@ def apply_precision(model, precision: str, options: QuantOptions = QuantOptions(
             lin.dot_general = jax.lax.dot_general if high else QuantDot(kind, uid, options, bits, fprop)
             counts["high_precision" if high else "quantized"] += 1
             uid += 1
+    if model.lm_head is not None:
+        high = precision == "bf16" or not options.quantize_lm_head
+        model.lm_head.dot_general = jax.lax.dot_general if high else QuantDot(kind, uid, options, bits, fprop)
+        counts["high_precision" if high else "quantized"] += 1
     return counts
 
 
