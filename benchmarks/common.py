@@ -8,9 +8,11 @@ and slow drifts of a noisy machine hit both sides alike."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import statistics
+import tempfile
 import time
 
 # ~123M parameters with the 8B model's layer mix (Mamba : attention : MLP = 24 : 4 : 24, here 7 : 2 : 7).
@@ -19,6 +21,19 @@ BENCH_HF_CONFIG = dict(
     num_key_value_heads=4, head_dim=64, intermediate_size=3072, mamba_num_heads=24, mamba_head_dim=64,
     ssm_state_size=128, n_groups=8, chunk_size=128, layer_norm_epsilon=1e-5,
 )
+
+
+@contextlib.contextmanager
+def bench_checkpoint():
+    """A temporary directory holding a randomly initialised (seed 0) HF checkpoint of BENCH_HF_CONFIG, which
+    both frameworks' workers load: same weights on both sides."""
+    import torch
+    from transformers import NemotronHConfig, NemotronHForCausalLM
+
+    with tempfile.TemporaryDirectory() as ckpt:
+        torch.manual_seed(0)
+        NemotronHForCausalLM(NemotronHConfig(**BENCH_HF_CONFIG)).save_pretrained(ckpt)
+        yield ckpt
 
 
 def _serve(setup, args, conn):

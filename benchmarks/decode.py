@@ -11,12 +11,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from common import BENCH_HF_CONFIG, Worker, emit, interleaved_medians  # noqa: E402
+from common import BENCH_HF_CONFIG, Worker, bench_checkpoint, best_time, emit, interleaved_medians  # noqa: E402
 
 PROMPT = 128
 
@@ -88,17 +86,12 @@ def hf_worker(ckpt: str, new: int) -> dict:
 
 
 def memory_bandwidth_gbs() -> float:
-    """Streaming copy of a 512 MiB buffer (read + write), best of 5."""
+    """Streaming copy of a 512 MiB buffer (read + write), best of 5 after a warm-up copy."""
     import numpy as np
 
     a = np.ones(64 * 1024 * 1024, np.float64)
     b = np.empty_like(a)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        np.copyto(b, a)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * a.nbytes / best / 1e9
+    return 2 * a.nbytes / best_time(lambda: np.copyto(b, a), 5) / 1e9
 
 
 def main() -> None:
@@ -106,16 +99,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--new", type=int, default=128)
     args = ap.parse_args()
-    import torch
-    from transformers import NemotronHConfig, NemotronHForCausalLM
 
     from nemojax.cache import cache_bytes, init_cache
     from nemojax.config import ModelConfig
     from nemojax.convert.hf import param_count
 
-    with tempfile.TemporaryDirectory() as ckpt:
-        torch.manual_seed(0)
-        NemotronHForCausalLM(NemotronHConfig(**BENCH_HF_CONFIG)).save_pretrained(ckpt)
+    with bench_checkpoint() as ckpt:
         cfg = ModelConfig.from_hf(ckpt)
         workers = {"nemojax": Worker(nemojax_worker, ckpt, args.new), "hf": Worker(hf_worker, ckpt, args.new)}
         same = bool((workers["nemojax"].result("tokens1") == workers["hf"].result("tokens1")).all())

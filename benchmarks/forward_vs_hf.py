@@ -10,11 +10,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from common import BENCH_HF_CONFIG, Worker, emit, interleaved_medians  # noqa: E402
+from common import BENCH_HF_CONFIG, Worker, bench_checkpoint, emit, interleaved_medians  # noqa: E402
 
 
 def _ids(seq: int, batch: int):
@@ -65,15 +64,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     import numpy as np
-    import torch
-    from transformers import NemotronHConfig, NemotronHForCausalLM
 
     from nemojax.config import ModelConfig
     from nemojax.convert.hf import param_count
 
-    with tempfile.TemporaryDirectory() as ckpt:
-        torch.manual_seed(0)
-        NemotronHForCausalLM(NemotronHConfig(**BENCH_HF_CONFIG)).save_pretrained(ckpt)
+    with bench_checkpoint() as ckpt:
         workers = {"nemojax": Worker(nemojax_worker, ckpt, args.seq, args.batch),
                    "hf": Worker(hf_worker, ckpt, args.seq, args.batch)}
         emit({"bench": "forward_vs_hf", "params": param_count(ModelConfig.from_hf(ckpt)), "cpus": os.cpu_count(),

@@ -11,12 +11,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from common import BENCH_HF_CONFIG, Worker, emit, interleaved_medians  # noqa: E402
+from common import BENCH_HF_CONFIG, Worker, bench_checkpoint, best_time, emit, interleaved_medians  # noqa: E402
 
 
 def _batch(batch: int, seq: int):
@@ -70,13 +68,7 @@ def matmul_peak_gflops(n: int = 2048) -> float:
 
     a = jax.random.normal(jax.random.key(0), (n, n))
     f = jax.jit(lambda a, b: a @ b)
-    f(a, a).block_until_ready()
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        f(a, a).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best / 1e9
+    return 2 * n ** 3 / best_time(lambda: f(a, a).block_until_ready(), 5) / 1e9
 
 
 def main() -> None:
@@ -85,15 +77,11 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    import torch
-    from transformers import NemotronHConfig, NemotronHForCausalLM
 
     from nemojax.config import ModelConfig
     from nemojax.convert.hf import param_count
 
-    with tempfile.TemporaryDirectory() as ckpt:
-        torch.manual_seed(0)
-        NemotronHForCausalLM(NemotronHConfig(**BENCH_HF_CONFIG)).save_pretrained(ckpt)
+    with bench_checkpoint() as ckpt:
         cfg = ModelConfig.from_hf(ckpt)
         workers = {"nemojax": Worker(nemojax_worker, ckpt, args.batch, args.seq),
                    "hf": Worker(hf_worker, ckpt, args.batch, args.seq)}

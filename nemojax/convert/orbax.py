@@ -54,11 +54,12 @@ def read_config(directory: str) -> ModelConfig:
 
 
 def restore_params(directory: str, target: dict) -> dict:
-    """The saved parameter tree, restored with the structure, shapes and dtypes of `target`."""
+    """The saved variables as {path tuple: array} (what `materialize` takes), restored with the structure,
+    shapes and dtypes of the pure-dict `target`."""
     import orbax.checkpoint as ocp
 
     with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(os.path.join(directory, PARAMS_DIR), target)
+        return _flatten(ckptr.restore(os.path.join(directory, PARAMS_DIR), target))
 
 
 def load_orbax(directory: str, dtype: Optional[str] = None) -> NemotronH:
@@ -67,7 +68,7 @@ def load_orbax(directory: str, dtype: Optional[str] = None) -> NemotronH:
     cfg = read_config(directory)
     graphdef, abstract_state = abstract_model(cfg)
     target = nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, abstract_state), PERSISTENT))
-    model = materialize(graphdef, abstract_state, _flatten(restore_params(directory, target)))
+    model = materialize(graphdef, abstract_state, restore_params(directory, target))
     if dtype is not None and dtype != cfg.param_dtype:
         model = cast_model(model, dtype)
     return model

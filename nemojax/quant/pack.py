@@ -22,8 +22,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nemojax.config import ConfigError
-from nemojax.model import PERSISTENT, NemotronH
-from pallas_kernels.matmul4 import Packed4, dequantize, matmul4, quantize
+from nemojax.model import PERSISTENT, NemotronH, materialize
+from pallas_kernels.matmul4 import Packed4, dequantize, matmul4, matmul4_reference, quantize
 from pallas_kernels.matmul4.formats import FORMATS, INT4_GROUPS, NVFP4_BLOCK
 
 F32 = jnp.float32
@@ -60,8 +60,18 @@ class PackSpec:
         return None
 
 
-def _on_accelerator() -> bool:
-    return jax.default_backend() in ("gpu", "cuda", "rocm", "tpu")
+def _matmul4(x2: jax.Array, p: Packed4, compute_dtype) -> jax.Array:
+    """x2 [M, K] @ W4 -> fp32 [M, N]: the Pallas kernel on GPU/TPU, elsewhere XLA's dequantize-then-dot
+    reference (the same values the kernel's tiles compute)."""
+    if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu"):
+        return matmul4(x2, p, compute_dtype=compute_dtype)
+    return matmul4_reference(x2, p)
+
+
+def _quantize(w: jax.Array, spec: PackSpec) -> Optional[Packed4]:
+    """w [K, N] in the spec's format, or None when K fits none of its block sizes."""
+    block = spec.block_for(w.shape[0])
+    return None if block is None else quantize(w, spec.fmt, block)
 
 
 class _Packed(nnx.Module):
@@ -93,12 +103,7 @@ class PackedLinear(_Packed):
         self.compute_dtype = compute_dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x2 = x.reshape(-1, self.k).astype(self.compute_dtype)
-        p = self.packed()
-        if _on_accelerator():
-            y = matmul4(x2, p, compute_dtype=self.compute_dtype)
-        else:       # XLA fallback: dequantize then one dot (identical values to the kernel's tiles)
-            y = jnp.dot(x2.astype(F32), dequantize(p), preferred_element_type=F32)
+        y = _matmul4(x.reshape(-1, self.k).astype(self.compute_dtype), self.packed(), self.compute_dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(F32)
         return y.reshape(*x.shape[:-1], -1).astype(self.compute_dtype)
@@ -118,9 +123,8 @@ class PackedEmbed(_Packed):
 
     def attend(self, h: jax.Array) -> jax.Array:
         """h [..., D] @ E^T -> [..., V] (tied output layer)."""
-        h2 = h.reshape(-1, self.k)
-        return jnp.dot(h2.astype(F32), dequantize(self.packed()), preferred_element_type=F32).reshape(
-            *h.shape[:-1], -1).astype(self.compute_dtype)
+        logits = _matmul4(h.reshape(-1, self.k).astype(self.compute_dtype), self.packed(), self.compute_dtype)
+        return logits.reshape(*h.shape[:-1], -1).astype(self.compute_dtype)
 
 
 def _linear_slots(model: NemotronH, spec: PackSpec):
@@ -141,21 +145,19 @@ def pack_model(model: NemotronH, spec: PackSpec = PackSpec()) -> dict:
     compute = jnp.dtype(model.config.dtype)
     packed, skipped = 0, []
     for parent, name, lin in _linear_slots(model, spec):
-        w = lin.kernel[...]
-        block = spec.block_for(w.shape[0])
-        if block is None:
+        p = _quantize(lin.kernel[...], spec)
+        if p is None:
             skipped.append(name)
             continue
         bias = None if lin.bias is None else lin.bias[...]
-        setattr(parent, name, PackedLinear(quantize(w, spec.fmt, block), bias, compute))
+        setattr(parent, name, PackedLinear(p, bias, compute))
         packed += 1
     if spec.embeddings:
-        table = model.embeddings.embedding[...]                              # [V, D]
-        block = spec.block_for(table.shape[1])
-        if block is None:
+        p = _quantize(model.embeddings.embedding[...].T, spec)                # the table [V, D] as [D, V]
+        if p is None:
             skipped.append("embeddings")
         else:
-            model.embeddings = PackedEmbed(quantize(table.T, spec.fmt, block), compute)
+            model.embeddings = PackedEmbed(p, compute)
             packed += 1
     return {"packed": packed, "skipped": skipped}
 
@@ -164,14 +166,14 @@ def fake_quantize_weights(model: NemotronH, spec: PackSpec = PackSpec()) -> Nemo
     """The unpacked counterpart of pack_model: each weight replaced, in place, by dequantize(quantize(w)) with
     the same format and block sizes, kept in fp32 high-precision layers."""
     for _, _, lin in _linear_slots(model, spec):
-        block = spec.block_for(lin.kernel.shape[0])
-        if block is not None:
-            lin.kernel[...] = dequantize(quantize(lin.kernel[...], spec.fmt, block)).astype(lin.kernel.dtype)
+        p = _quantize(lin.kernel[...], spec)
+        if p is not None:
+            lin.kernel[...] = dequantize(p).astype(lin.kernel.dtype)
     if spec.embeddings:
         table = model.embeddings.embedding
-        block = spec.block_for(table.shape[1])
-        if block is not None:
-            table[...] = dequantize(quantize(table[...].T, spec.fmt, block)).T.astype(table.dtype)
+        p = _quantize(table[...].T, spec)
+        if p is not None:
+            table[...] = dequantize(p).T.astype(table.dtype)
     return model
 
 
@@ -207,11 +209,5 @@ def load_packed(directory: str) -> NemotronH:
         return model
 
     graphdef, state = nnx.split(nnx.eval_shape(build))
-    saved = nnx.state(nnx.merge(graphdef, state), (*PERSISTENT, PackedWeight))
-    nnx.replace_by_pure_dict(saved, restore_params(directory, nnx.to_pure_dict(saved)))
-    model = nnx.merge(graphdef, state)
-    nnx.update(model, saved)
-    for _, var in nnx.state(model).flat_state():      # runtime-only variables (router statistics) start at 0
-        if isinstance(var.get_value(), jax.ShapeDtypeStruct):
-            var.set_value(jnp.zeros(var.get_value().shape, var.get_value().dtype))
-    return model
+    target = nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, state), (*PERSISTENT, PackedWeight)))
+    return materialize(graphdef, state, restore_params(directory, target))

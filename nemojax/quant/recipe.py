@@ -119,8 +119,6 @@ class QuantDot:
             from nemojax.quant.aqt import aqt_matmul
 
             bits = self.aqt_bits if self.quantize_fprop else (None,) + tuple(self.aqt_bits[1:])
-            if not o.stochastic_rounding:
-                raise ConfigError("aqt presets always use stochastic rounding on gradients")
             return aqt_matmul(x, w, _layer_key(self.uid), bits)
         raise ValueError(f"unknown quantized matmul kind {self.kind!r}")
 
@@ -155,23 +153,20 @@ def apply_precision(model, precision: str, options: QuantOptions = QuantOptions(
     if precision.startswith("aqt_"):
         from nemojax.quant.aqt import PRESETS
 
+        if not options.stochastic_rounding:
+            raise ConfigError("the aqt presets always use stochastic rounding on gradients")
         bits = options.aqt_bits or PRESETS[precision]
     else:
         bits = (8, 8, 8)
-    counts = {"quantized": 0, "high_precision": 0}
-    uid = 0
-    for i, block in enumerate(blocks):
-        high = (precision == "bf16" or i < first or i >= len(blocks) - last
-                or (block.kind == "*" and not options.attention_quantized(precision)))
-        for lin in _linears(block):
-            lin.dot_general = jax.lax.dot_general if high else QuantDot(kind, uid, options, bits, fprop)
-            counts["high_precision" if high else "quantized"] += 1
-            uid += 1
+    # (linear layer, kept high precision?) in a fixed order: the position is the layer's rounding-key id
+    plan = [(lin, precision == "bf16" or i < first or i >= len(blocks) - last
+             or (block.kind == "*" and not options.attention_quantized(precision)))
+            for i, block in enumerate(blocks) for lin in _linears(block)]
     if model.lm_head is not None:
-        high = precision == "bf16" or not options.quantize_lm_head
-        model.lm_head.dot_general = jax.lax.dot_general if high else QuantDot(kind, uid, options, bits, fprop)
-        counts["high_precision" if high else "quantized"] += 1
-    return counts
+        plan.append((model.lm_head, precision == "bf16" or not options.quantize_lm_head))
+    for uid, (lin, high) in enumerate(plan):
+        lin.dot_general = jax.lax.dot_general if high else QuantDot(kind, uid, options, bits, fprop)
+    return {"quantized": sum(not high for _, high in plan), "high_precision": sum(high for _, high in plan)}
 
 
 def precision_of(model) -> dict:

@@ -182,9 +182,20 @@ def _parallel_call(kernel, out_shapes, in_specs, out_specs, grid, interpret):
                           compiler_params=None if interpret else _gpu_params(), interpret=interpret)
 
 
-def _chunk_totals(lrow, nc):
-    b, h = lrow.shape[:2]
-    return jnp.sum(lrow.reshape(b, h, nc, -1), axis=-1)              # [b, H, nc] log decay of each chunk
+def _pass_across_chunks(init, lrow, own, reverse: bool = False):
+    """The inter-chunk recurrence in XLA: carry_next = exp(chunk log decay) * carry + own[chunk], over the chunk
+    axis of own [b, H, nc, p, n] (chunk states forward; reversed, state gradients). lrow [b, H, T] holds the
+    per-token log decays. Returns (final carry, the carry each chunk receives [b, H, nc, p, n])."""
+    b, h, nc = own.shape[:3]
+    decay = jnp.exp(jnp.sum(lrow.reshape(b, h, nc, -1), axis=-1))     # [b, H, nc] decay across each chunk
+
+    def step(carry, xs):
+        d, new = xs
+        return d[..., None, None] * carry + new, carry
+
+    final, received = jax.lax.scan(step, init.astype(F32), (jnp.moveaxis(decay, 2, 0), jnp.moveaxis(own, 2, 0)),
+                                   reverse=reverse)
+    return final, jnp.moveaxis(received, 0, 2)
 
 
 def parallel_forward(u, lcol, lrow, B, C, h0, chunk: int, interpret: bool):
@@ -195,14 +206,7 @@ def parallel_forward(u, lcol, lrow, B, C, h0, chunk: int, interpret: bool):
     own = _parallel_call(_state_kernel, jax.ShapeDtypeStruct((b, h, nc, p, n), F32),
                          [s["u"], s["lcol"], s["lrow"], s["bc"]], s["chunk_state"], (b, h, nc), interpret
                          )(u, lcol, lrow, B)
-    decay = jnp.exp(_chunk_totals(lrow, nc))
-
-    def carry(state, xs):
-        d, new = xs
-        return d[..., None, None] * state + new, state
-
-    final, entering = jax.lax.scan(carry, h0.astype(F32), (jnp.moveaxis(decay, 2, 0), jnp.moveaxis(own, 2, 0)))
-    entering = jnp.moveaxis(entering, 0, 2)
+    final, entering = _pass_across_chunks(h0, lrow, own)
     y = _parallel_call(_output_kernel, jax.ShapeDtypeStruct((b, h, t, p), F32),
                        [s["u"], s["lcol"], s["lrow"], s["bc"], s["bc"], s["chunk_state"]], s["u"], (b, h, nc),
                        interpret)(u, lcol, lrow, B, C, entering)
@@ -217,15 +221,8 @@ def parallel_backward(u, lcol, lrow, B, C, h_in, dy, dhT, chunk: int, interpret:
     own = _parallel_call(_dstate_kernel, jax.ShapeDtypeStruct((b, h, nc, p, n), F32),
                          [s["lcol"], s["lrow"], s["bc"], s["u"]], s["chunk_state"], (b, h, nc), interpret
                          )(lcol, lrow, C, dy)
-    decay = jnp.exp(_chunk_totals(lrow, nc))
-
-    def carry(G, xs):                       # G: gradient w.r.t. the state leaving this chunk
-        d, own_c = xs
-        return d[..., None, None] * G + own_c, G
-
-    dh0, leaving = jax.lax.scan(carry, dhT.astype(F32), (jnp.moveaxis(decay, 2, 0), jnp.moveaxis(own, 2, 0)),
-                                reverse=True)
-    leaving = jnp.moveaxis(leaving, 0, 2)
+    # carried backwards: the gradient w.r.t. the state leaving each chunk
+    dh0, leaving = _pass_across_chunks(dhT, lrow, own, reverse=True)
     shapes = [(b, h, t, p), (b, h, t, 1), (b, h, t, n), (b, h, t, n)]
     du, dl, dB, dC = _parallel_call(
         _chunk_backward_kernel, tuple(jax.ShapeDtypeStruct(sh, F32) for sh in shapes),
