@@ -175,6 +175,8 @@ def test_precision_selection_per_recipe():
         apply_precision(model, "int3")
     with pytest.raises(ConfigError, match="aqt_bits"):
         QuantOptions(aqt_bits=(3, 8, 8))
+    with pytest.raises(ConfigError, match="stochastic rounding"):       # refused before any trace
+        apply_precision(model, "aqt_int8", QuantOptions(stochastic_rounding=False))
 
 
 def test_forward_switches_back_to_high_precision():

@@ -2,6 +2,7 @@
 4-bit packed export (greedy tokens vs its fake-quantized counterpart, bytes, Orbax round trip, CLI)."""
 
 import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +40,21 @@ def test_every_precision_trains(tmp_path, corpus, precision):
     kinds = {lin.dot_general.kind for _, lin in nnx.iter_graph(t.model)
              if isinstance(lin, nnx.Linear) and lin.dot_general is not jax.lax.dot_general}
     assert kinds == {"aqt" if precision.startswith("aqt") else precision}
+
+
+def test_trainer_switches_the_forward_back_at_the_configured_step(tmp_path, corpus):
+    t = make(tmp_path, corpus, "train.precision=nvfp4", "train.quant.bf16_forward_from_step=3", "train.steps=4",
+             "train.eval_every=4")
+    t.run(stop_after=2, progress=False)
+    quant = _quant_dots(t.model)
+    assert quant and all(q.quantize_fprop for _, q in quant)
+    hist = t.run(progress=False)                                          # steps 3 and 4: switched
+    assert all(not q.quantize_fprop for _, q in _quant_dots(t.model)) and math.isfinite(hist[-1]["val_loss"])
+
+
+def _quant_dots(model):
+    return [(lin, lin.dot_general) for _, lin in nnx.iter_graph(model)
+            if isinstance(lin, nnx.Linear) and lin.dot_general is not jax.lax.dot_general]
 
 
 def test_precision_config_errors(tmp_path, corpus):
@@ -117,6 +133,23 @@ def test_packed_model_generates_like_its_fake_quantized_counterpart(tmp_path, te
     restored = load_model(str(tmp_path / "packed"))
     np.testing.assert_array_equal(np.asarray(generate(restored, prompts, max_new_tokens=16)), want)
     assert json.load(open(tmp_path / "packed" / "nemojax_pack.json"))["fmt"] == fmt
+
+
+def test_packed_tied_embeddings_serve_as_the_output_layer():
+    from nemojax.config import ModelConfig
+    from nemojax.model import NemotronH
+    from nemojax.quant.pack import PackedEmbed
+
+    cfg = ModelConfig.from_yaml("configs/tiny.yaml").replace(hidden_size=64, intermediate_size=128, mamba_num_heads=4,
+                                                             mamba_head_dim=16, ssm_state_size=16, head_dim=16,
+                                                             tie_word_embeddings=True)
+    ids = jnp.asarray(np.random.default_rng(1).integers(3, 300, (2, 10)), jnp.int32)
+    for fmt in ("nvfp4", "int4"):
+        fake = fake_quantize_weights(NemotronH(cfg, nnx.Rngs(0)), PackSpec(fmt))
+        packed = NemotronH(cfg, nnx.Rngs(0))
+        pack_model(packed, PackSpec(fmt))
+        assert isinstance(packed.embeddings, PackedEmbed) and packed.lm_head is None
+        np.testing.assert_allclose(np.asarray(packed(ids)), np.asarray(fake(ids)), rtol=1e-4, atol=1e-4)
 
 
 def test_pack_cli(tmp_path, teacher_dir, capsys):

@@ -96,3 +96,15 @@ def test_decay_mask_and_schedules():
     assert abs(float(wsd(110)) - 0.1) < 1e-6
     cos = schedule(OptimConfig(lr=1.0, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1), 110)
     assert 0.1 < float(cos(60)) < 1.0
+
+
+def test_train_step_donates_the_model_and_optimizer_state(tmp_path, corpus):
+    from nemojax.train.trainer import make_train_step
+
+    t = make(tmp_path, corpus)
+    step = make_train_step(t.model_cfg, t.cfg, t.lr_schedule)
+    kernel, moment = t.model.lm_head.kernel[...], jax.tree.leaves(t.opt.opt_state)[1]
+    step(t.model, t.opt, t._global_batch(next(t.corpus.train_iterator(None))))
+    assert kernel.is_deleted() and moment.is_deleted()                   # their buffers now hold the new state
+    assert not t.model.lm_head.kernel[...].is_deleted()
+
