@@ -36,8 +36,14 @@ def bench_checkpoint():
         yield ckpt
 
 
-def _serve(setup, args, conn):
+def _serve(setup, args, conn, tuned_malloc):
     """Worker loop: setup(*args) returns {task_name: fn() -> result}; each request names a task."""
+    import os
+
+    os.environ["NEMOJAX_HOST_MALLOC"] = "1" if tuned_malloc else "0"     # before anything imports nemojax
+    from nemojax.host_allocator import tune_host_allocator
+
+    tune_host_allocator(force=True)
     tasks = setup(*args)
     conn.send("ready")
     while True:
@@ -52,12 +58,16 @@ def _serve(setup, args, conn):
 
 
 class Worker:
-    """A spawned process running `setup(*args)` (a module-level function) and answering task requests."""
+    """A spawned process running `setup(*args)` (a module-level function) and answering task requests.
 
-    def __init__(self, setup, *args):
+    tuned_malloc: the worker applies nemojax.host_allocator's glibc settings before anything allocates, as
+    `import nemojax` does on CPU; False leaves glibc's defaults. Benchmarks give every framework's worker the
+    same setting (torch gains from it too)."""
+
+    def __init__(self, setup, *args, tuned_malloc: bool = True):
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(setup, args, child), daemon=True)
+        self.proc = ctx.Process(target=_serve, args=(setup, args, child, tuned_malloc), daemon=True)
         self.proc.start()
         if self.conn.recv() != "ready":
             raise RuntimeError("benchmark worker failed to start")

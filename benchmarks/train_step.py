@@ -1,9 +1,11 @@
 """Training throughput of nemojax (jitted train step: forward, backward, AdamW with clipping) vs transformers
 NemotronHForCausalLM + torch.optim.AdamW on CPU, same ~123M dense config and weights, same batch, fp32, each
 framework in its own worker process with interleaved timing. Also reports model FLOPs utilisation against this
-machine's measured fp32 matmul peak (6 * params * tokens + attention FLOPs per step).
+machine's measured fp32 matmul peak (6 * params * tokens + attention FLOPs per step). Both workers run with
+nemojax.host_allocator's glibc settings (what `import nemojax` applies on CPU); --default-malloc runs both
+with glibc's defaults instead.
 
-    python benchmarks/train_step.py [--batch 2] [--seq 512] [--repeats 3]
+    python benchmarks/train_step.py [--batch 2] [--seq 512] [--repeats 3] [--default-malloc]
 """
 
 from __future__ import annotations
@@ -76,15 +78,18 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="leave glibc malloc at its defaults in both workers (nemojax.host_allocator not applied)")
     args = ap.parse_args()
+    tuned = not args.default_malloc
 
     from nemojax.config import ModelConfig
     from nemojax.convert.hf import param_count
 
     with bench_checkpoint() as ckpt:
         cfg = ModelConfig.from_hf(ckpt)
-        workers = {"nemojax": Worker(nemojax_worker, ckpt, args.batch, args.seq),
-                   "hf": Worker(hf_worker, ckpt, args.batch, args.seq)}
+        workers = {"nemojax": Worker(nemojax_worker, ckpt, args.batch, args.seq, tuned_malloc=tuned),
+                   "hf": Worker(hf_worker, ckpt, args.batch, args.seq, tuned_malloc=tuned)}
         first = {name: w.result("first_loss") for name, w in workers.items()}      # same weights, same batch
         t = interleaved_medians(workers, "step", args.repeats)
         for w in workers.values():
@@ -97,6 +102,7 @@ def main() -> None:
         step_flops = 6 * n * tokens + attn_flops
         peak = matmul_peak_gflops()
         emit({"bench": "train_step", "params": n, "batch": args.batch, "seq": args.seq, "cpus": os.cpu_count(),
+              "malloc": "tuned" if tuned else "default",
               "first_loss_nemojax": round(first["nemojax"], 4), "first_loss_hf": round(first["hf"], 4)})
         emit({"nemojax_tok_s": round(tokens / t["nemojax"], 1), "hf_tok_s": round(tokens / t["hf"], 1),
               "ratio": round(t["hf"] / t["nemojax"], 2), "matmul_peak_gflops": round(peak, 1),

@@ -67,6 +67,16 @@ class NemotronH(nnx.Module):
     def __call__(self, input_ids: jax.Array, attention_mask: Optional[jax.Array] = None) -> jax.Array:
         return self.logits(self.hidden_states(input_ids, attention_mask))
 
+    def output_weight(self) -> Optional[tuple[jax.Array, bool]]:
+        """(weight, vocab_major) of a plain output layer, for losses that fuse it (train/linear_ce.py): the
+        lm_head kernel [D, V], or the tied embedding table [V, D] with vocab_major=True. None where the output
+        layer is quantized, packed or has a bias: losses then go through `logits`."""
+        if self.lm_head is None:
+            return (self.embeddings.embedding[...], True) if type(self.embeddings) is nnx.Embed else None
+        head = self.lm_head
+        plain = type(head) is nnx.Linear and head.bias is None and head.dot_general is jax.lax.dot_general
+        return (head.kernel[...], False) if plain else None
+
     def forward_cached(self, input_ids: jax.Array, cache, attention_mask: Optional[jax.Array] = None,
                        prefill: bool = False, all_states: bool = False):
         """Appends input_ids [batch, t] at cache.pos. prefill=True requires an empty cache (static position 0,

@@ -7,7 +7,9 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from nemojax.layers.common import dtypes
 from nemojax.layers.mtp import shift_left
+from nemojax.train.linear_ce import linear_cross_entropy
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
@@ -18,21 +20,51 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.
     return jnp.sum(nll * mask) / jnp.maximum(mask.sum(), 1.0)
 
 
-def shifted_mask(valid: jax.Array, k: int) -> jax.Array:
-    """Positions i whose target i+k exists: valid[i] and valid[i+k] (valid [b, t], 1 = real token)."""
-    return valid * shift_left(valid, k, fill=0)
+def next_token_ce(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Cross entropy of logits [b, t, V], computed on the inputs tokens[:, :-1], against tokens[:, 1:]
+    (tokens [b, t + 1], every position counted)."""
+    _check_window(logits.shape[:2], tokens)
+    return cross_entropy(logits, tokens[:, 1:], jnp.ones(logits.shape[:2], jnp.float32))
 
 
-def lm_and_mtp_losses(model, input_ids: jax.Array, valid: Optional[jax.Array] = None, depth: int = 0
-                      ) -> tuple[jax.Array, list[jax.Array]]:
-    """(next-token loss, [MTP loss per depth]). MTP depth k at position i predicts token i+k+1.
-    input_ids [b, t]; valid [b, t] marks real (non-padding) tokens."""
-    valid = jnp.ones_like(input_ids) if valid is None else valid
-    if depth:
-        main_logits, mtp_logits = model.forward_with_mtp(input_ids, depth=depth)
-    else:
-        main_logits, mtp_logits = model(input_ids), []
-    main = cross_entropy(main_logits, shift_left(input_ids, 1), shifted_mask(valid, 1))
-    mtp = [cross_entropy(lg, shift_left(input_ids, k + 1), shifted_mask(valid, k + 1))
-           for k, lg in enumerate(mtp_logits, start=1)]
-    return main, mtp
+def _check_window(logits_bt: tuple, tokens: jax.Array) -> None:
+    if tokens.ndim != 2 or tuple(logits_bt) != (tokens.shape[0], tokens.shape[1] - 1):
+        raise ValueError(f"tokens must be [batch, seq + 1] for logits of [batch, seq] = {tuple(logits_bt)}; "
+                         f"got {tokens.shape}")
+
+
+def token_loss(model, hidden: jax.Array, labels: jax.Array, mask: jax.Array, chunk_tokens: int = 0) -> jax.Array:
+    """Mean cross entropy of the model's output layer applied to hidden [b, t, D] against labels [b, t] over
+    mask [b, t] (1 = counted). Fused with the output projection (linear_ce.py) unless that layer is quantized
+    or packed."""
+    out = model.output_weight()
+    if out is None:
+        return cross_entropy(model.logits(hidden), labels, mask)
+    weight, vocab_major = out
+    mask = mask.astype(jnp.float32)
+    return linear_cross_entropy(hidden, weight, labels, mask / jnp.maximum(mask.sum(), 1.0),
+                                vocab_major=vocab_major, compute_dtype=dtypes(model.config)[0],
+                                chunk_tokens=chunk_tokens)
+
+
+def lm_and_mtp_losses(model, tokens: jax.Array, valid: Optional[jax.Array] = None, depth: int = 0,
+                      chunk_tokens: int = 0) -> tuple[jax.Array, list[jax.Array]]:
+    """(next-token loss, [MTP loss per depth]) of one window of tokens [b, t + 1].
+
+    The model reads the t inputs tokens[:, :-1] (no wasted last position: with chunked SSD a 2^k + 1 long
+    input would cost a whole extra chunk); position i predicts tokens[:, i + 1], and MTP depth k at position
+    i predicts tokens[:, i + k + 1] from the embedding of tokens[:, i + k], which is always an input where its
+    target exists. valid [b, t + 1] marks real (non-padding) tokens; a term counts where its input and
+    target are both real. chunk_tokens: see linear_ce.linear_cross_entropy."""
+    if tokens.ndim != 2 or tokens.shape[1] < 2:
+        raise ValueError(f"tokens must be [batch, seq + 1] with seq >= 1, got {tokens.shape}")
+    valid = jnp.ones_like(tokens) if valid is None else valid
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    hidden = model.hidden_states(inputs)
+    mtp_hidden = model.mtp_hidden(hidden, inputs, depth) if depth else []
+
+    def loss_at(h: jax.Array, k: int) -> jax.Array:        # k = 0: next token; k >= 1: MTP depth k
+        mask = valid[:, :-1] * shift_left(valid[:, 1:], k, fill=0)
+        return token_loss(model, h, shift_left(targets, k), mask, chunk_tokens)
+
+    return loss_at(hidden, 0), [loss_at(h, k) for k, h in enumerate(mtp_hidden, start=1)]

@@ -31,7 +31,7 @@ from nemojax.model import PERSISTENT, NemotronH
 from nemojax.quant.recipe import PRECISIONS, QuantOptions, apply_precision, rounding_key
 from nemojax.sharding import MeshConfig, batch_sharding, make_mesh, shard_model
 from nemojax.train.data import Corpus, DataConfig
-from nemojax.train.loss import cross_entropy, lm_and_mtp_losses, shifted_mask
+from nemojax.train.loss import lm_and_mtp_losses, next_token_ce
 from nemojax.train.optim import OptimConfig, make_optimizer, schedule
 
 
@@ -51,6 +51,8 @@ class TrainConfig:
     log_dir: str = ""                     # metrics.jsonl + TensorBoard events; "" = ckpt_dir (or ./logs if remote)
     mtp_loss_weight: float = 0.3          # used when the model has an MTP head
     moe_bias_update_rate: float = 1e-3    # aux-loss-free balancing step for MoE layers (0 disables)
+    loss_chunk_tokens: int = 0            # > 0: the fused output-layer loss holds logits for this many positions
+                                          # per row at a time (memory for large vocabularies; costs a matmul)
     seed: int = 0
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
@@ -62,6 +64,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ConfigError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.loss_chunk_tokens < 0:
+            raise ConfigError(f"train.loss_chunk_tokens must be >= 0, got {self.loss_chunk_tokens}")
         if self.qad_teacher and self.precision != "nvfp4":
             raise ConfigError(f"QAD (train.qad_teacher) distills into an nvfp4 student; set train.precision=nvfp4 "
                               f"(got {self.precision!r})")
@@ -107,15 +111,16 @@ def make_train_step(model_cfg: ModelConfig, cfg: TrainConfig, lr_schedule: optax
     has_moe = "E" in model_cfg.pattern
 
     def loss_fn(model, tokens):
-        main, mtp = lm_and_mtp_losses(model, tokens, depth=mtp_depth)
+        main, mtp = lm_and_mtp_losses(model, tokens, depth=mtp_depth, chunk_tokens=cfg.loss_chunk_tokens)
         total = main + cfg.mtp_loss_weight * sum(mtp) + (moe_aux_loss(model) if has_moe else 0.0)
         return total, (main, mtp)
 
     def qad_loss_fn(model, tokens, teacher):
         from nemojax.quant.qad import logit_kl
 
-        student_logits = model(tokens)
-        kl = logit_kl(jax.lax.stop_gradient(teacher(tokens)), student_logits)
+        inputs = tokens[:, :-1]
+        student_logits = model(inputs)
+        kl = logit_kl(jax.lax.stop_gradient(teacher(inputs)), student_logits)
         return kl, (jax.lax.stop_gradient(next_token_ce(student_logits, tokens)), [])
 
     # the model and optimizer state are donated: XLA writes the new state into the old buffers instead of
@@ -141,14 +146,10 @@ def make_train_step(model_cfg: ModelConfig, cfg: TrainConfig, lr_schedule: optax
     return step
 
 
-def next_token_ce(logits: jax.Array, tokens: jax.Array) -> jax.Array:
-    """Cross entropy of logits [b, t, V] against the next token of tokens [b, t] (last position not counted)."""
-    return cross_entropy(logits, jnp.roll(tokens, -1, axis=1), shifted_mask(jnp.ones_like(tokens), 1))
-
-
 @nnx.jit
 def eval_loss(model, tokens):
-    return next_token_ce(model(tokens), tokens)
+    """Mean next-token cross entropy of one window batch tokens [b, seq + 1]."""
+    return next_token_ce(model(tokens[:, :-1]), tokens)
 
 
 class MetricsLog:
@@ -289,7 +290,7 @@ class Trainer:
         it = self.corpus.train_iterator(data_state)
         step_fn = make_train_step(self.model_cfg, cfg, self.lr_schedule)
         log = MetricsLog(self.log_dir, enabled=self.is_chief)
-        tokens_per_step = cfg.data.batch_size * (cfg.data.seq_len + 1)
+        tokens_per_step = cfg.data.batch_size * cfg.data.seq_len      # inputs (and targets) per step
         end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
         bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not (progress and self.is_chief),
                    desc="train", dynamic_ncols=True)
