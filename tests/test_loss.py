@@ -125,3 +125,22 @@ def test_model_losses_fuse_only_plain_output_layers():
     for m in (tied, model):
         unfused = next_token_ce(m(tokens[:, :-1]), tokens)
         np.testing.assert_allclose(float(lm_and_mtp_losses(m, tokens)[0]), float(unfused), rtol=1e-5)
+
+
+def test_chunked_model_loss_equals_whole_sequence_loss():
+    """chunk_tokens only changes how many logits exist at once: same loss and parameter gradients."""
+    cfg = ModelConfig(vocab_size=37, hidden_size=32, pattern="M*", num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=8, mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8, n_groups=1, chunk_size=4,
+                      num_nextn_predict_layers=1, mtp_pattern="*-", intermediate_size=48)
+    model = NemotronH(cfg, nnx.Rngs(2))
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, 37, (2, 12)), jnp.int32)
+
+    def loss(m, chunk):
+        main, mtp = lm_and_mtp_losses(m, tokens, depth=1, chunk_tokens=chunk)
+        return main + 0.3 * mtp[0]
+
+    whole, g_whole = nnx.value_and_grad(lambda m: loss(m, 0))(model)
+    chunked, g_chunked = nnx.value_and_grad(lambda m: loss(m, 4))(model)
+    np.testing.assert_allclose(float(chunked), float(whole), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_chunked), jax.tree.leaves(g_whole)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
