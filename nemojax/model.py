@@ -11,7 +11,7 @@ from flax import nnx
 
 from nemojax.config import ModelConfig
 from nemojax.layers.block import Block
-from nemojax.layers.common import dtypes, linear
+from nemojax.layers.common import dtypes, is_plain_dot, linear
 from nemojax.layers.moe import ExpertBias
 from nemojax.layers.mtp import MTPBlock, shift_left
 from nemojax.layers.norm import RMSNorm
@@ -74,7 +74,7 @@ class NemotronH(nnx.Module):
         if self.lm_head is None:
             return (self.embeddings.embedding[...], True) if type(self.embeddings) is nnx.Embed else None
         head = self.lm_head
-        plain = type(head) is nnx.Linear and head.bias is None and head.dot_general is jax.lax.dot_general
+        plain = type(head) is nnx.Linear and head.bias is None and is_plain_dot(head.dot_general)
         return (head.kernel[...], False) if plain else None
 
     def forward_cached(self, input_ids: jax.Array, cache, attention_mask: Optional[jax.Array] = None,

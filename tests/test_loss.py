@@ -144,3 +144,25 @@ def test_chunked_model_loss_equals_whole_sequence_loss():
     np.testing.assert_allclose(float(chunked), float(whole), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g_chunked), jax.tree.leaves(g_whole)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_linear_dot_gives_autodiffs_gradients(dtype):
+    """The model's nnx.Linear dot (einsum backward on CPU) against autodiff of jax.lax.dot_general."""
+    from nemojax.layers.common import linear_dot
+
+    k = jax.random.split(jax.random.key(3), 3)
+    x = jax.random.normal(k[0], (2, 7, 12)).astype(dtype)
+    w = jax.random.normal(k[1], (12, 5)).astype(dtype)
+    cot = jax.random.normal(k[2], (2, 7, 5))
+    dims = (((2,), (0,)), ((), ()))
+
+    def f(dot):
+        return lambda x, w: jnp.sum(dot(x, w, dims).astype(jnp.float32) * cot)
+
+    np.testing.assert_array_equal(linear_dot(x, w, dims), jax.lax.dot_general(x, w, dims))
+    tol = 1e-6 if dtype == jnp.float32 else 2e-2
+    for got, want in zip(jax.grad(f(linear_dot), argnums=(0, 1))(x, w),
+                         jax.grad(f(jax.lax.dot_general), argnums=(0, 1))(x, w)):
+        assert got.dtype == want.dtype
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol)

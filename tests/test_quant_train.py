@@ -16,6 +16,7 @@ from nemojax.convert.auto import load_model
 from nemojax.generate import generate
 from nemojax.quant import apply_precision
 from nemojax.quant.pack import PackSpec, fake_quantize_weights, pack_model, save_packed, weight_bytes
+from nemojax.quant.recipe import QuantDot
 from nemojax.train.trainer import eval_loss
 
 
@@ -38,7 +39,7 @@ def test_every_precision_trains(tmp_path, corpus, precision):
     hist = t.run(progress=False)
     assert hist[-1]["val_loss"] < hist[0]["val_loss"] - 0.5
     kinds = {lin.dot_general.kind for _, lin in nnx.iter_graph(t.model)
-             if isinstance(lin, nnx.Linear) and lin.dot_general is not jax.lax.dot_general}
+             if isinstance(lin, nnx.Linear) and isinstance(lin.dot_general, QuantDot)}
     assert kinds == {"aqt" if precision.startswith("aqt") else precision}
 
 
@@ -54,7 +55,7 @@ def test_trainer_switches_the_forward_back_at_the_configured_step(tmp_path, corp
 
 def _quant_dots(model):
     return [(lin, lin.dot_general) for _, lin in nnx.iter_graph(model)
-            if isinstance(lin, nnx.Linear) and lin.dot_general is not jax.lax.dot_general]
+            if isinstance(lin, nnx.Linear) and isinstance(lin.dot_general, QuantDot)]
 
 
 def test_precision_config_errors(tmp_path, corpus):

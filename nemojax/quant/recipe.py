@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nemojax.config import ConfigError
+from nemojax.layers.common import linear_dot
 
 PRECISIONS = ("bf16", "fp8", "nvfp4", "aqt_int8", "aqt_int4")
 F32 = jnp.float32
@@ -165,7 +166,7 @@ def apply_precision(model, precision: str, options: QuantOptions = QuantOptions(
     if model.lm_head is not None:
         plan.append((model.lm_head, precision == "bf16" or not options.quantize_lm_head))
     for uid, (lin, high) in enumerate(plan):
-        lin.dot_general = jax.lax.dot_general if high else QuantDot(kind, uid, options, bits, fprop)
+        lin.dot_general = linear_dot if high else QuantDot(kind, uid, options, bits, fprop)
     return {"quantized": sum(not high for _, high in plan), "high_precision": sum(high for _, high in plan)}
 
 
