@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import multiprocessing as mp
+import os
 import statistics
 import tempfile
 import time
@@ -38,8 +39,6 @@ def bench_checkpoint():
 
 def _serve(setup, args, conn, tuned_malloc):
     """Worker loop: setup(*args) returns {task_name: fn() -> result}; each request names a task."""
-    import os
-
     os.environ["NEMOJAX_HOST_MALLOC"] = "1" if tuned_malloc else "0"     # before anything imports nemojax
     from nemojax.host_allocator import tune_host_allocator
 

@@ -125,3 +125,11 @@ def test_numbers_written_without_a_dot_are_numbers():
         load_run_config("configs/tiny.yaml", ("train.optim.lr=fast",))
     with pytest.raises(ConfigError, match="train.steps must be int, got 1.5"):
         load_run_config("configs/tiny.yaml", ("train.steps=1.5",))
+
+
+def test_negative_loss_chunk_is_refused():
+    from nemojax.train.trainer import load_run_config
+
+    assert load_run_config("configs/tiny.yaml", ("train.loss_chunk_tokens=64",))[1].loss_chunk_tokens == 64
+    with pytest.raises(ConfigError, match="train.loss_chunk_tokens must be >= 0, got -1"):
+        load_run_config("configs/tiny.yaml", ("train.loss_chunk_tokens=-1",))

@@ -23,14 +23,10 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.
 def next_token_ce(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     """Cross entropy of logits [b, t, V], computed on the inputs tokens[:, :-1], against tokens[:, 1:]
     (tokens [b, t + 1], every position counted)."""
-    _check_window(logits.shape[:2], tokens)
-    return cross_entropy(logits, tokens[:, 1:], jnp.ones(logits.shape[:2], jnp.float32))
-
-
-def _check_window(logits_bt: tuple, tokens: jax.Array) -> None:
-    if tokens.ndim != 2 or tuple(logits_bt) != (tokens.shape[0], tokens.shape[1] - 1):
-        raise ValueError(f"tokens must be [batch, seq + 1] for logits of [batch, seq] = {tuple(logits_bt)}; "
-                         f"got {tokens.shape}")
+    b, t = logits.shape[:2]
+    if tokens.ndim != 2 or tokens.shape != (b, t + 1):
+        raise ValueError(f"tokens must be [batch, seq + 1] for logits of [batch, seq] = {(b, t)}; got {tokens.shape}")
+    return cross_entropy(logits, tokens[:, 1:], jnp.ones((b, t), jnp.float32))
 
 
 def token_loss(model, hidden: jax.Array, labels: jax.Array, mask: jax.Array, chunk_tokens: int = 0) -> jax.Array:
