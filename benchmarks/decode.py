@@ -37,7 +37,7 @@ def nemojax_worker(ckpt: str, new: int) -> dict:
     from flax import nnx
 
     from nemojax import load_hf
-    from nemojax.generate import _prefill, generate
+    from nemojax.generate import _decode_logits, _prefill, generate
 
     model = load_hf(ckpt)
     graphdef, state = nnx.split(model)
@@ -49,8 +49,8 @@ def nemojax_worker(ckpt: str, new: int) -> dict:
 
         def body(_, carry):
             cache, tok = carry
-            logits, _, cache = m.forward_cached(tok[:, None], cache)
-            return cache, jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
+            logits, cache = _decode_logits(m, tok, cache)
+            return cache, jnp.argmax(logits, -1).astype(jnp.int32)
 
         return jax.lax.fori_loop(0, n, body, (cache, tok))[1]
 
@@ -100,9 +100,12 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128)
     args = ap.parse_args()
 
-    from nemojax.cache import cache_bytes, init_cache
+    import jax
+    from flax import nnx
+
     from nemojax.config import ModelConfig
     from nemojax.convert.hf import param_count
+    from nemojax.model import abstract_model, cache_bytes
 
     with bench_checkpoint() as ckpt:
         cfg = ModelConfig.from_hf(ckpt)
@@ -121,9 +124,10 @@ def main() -> None:
         for ctx in (512, 8192):
             t = interleaved_medians({"nemojax": workers["nemojax"]}, f"ctx{ctx}", max(args.repeats, 5))["nemojax"]
             per_token[ctx] = t / DECODE_STEPS
-            cache = cache_bytes(init_cache(cfg, 1, ctx + DECODE_STEPS))
+            graphdef, state = abstract_model(cfg)
+            cache = cache_bytes(jax.eval_shape(lambda: nnx.merge(graphdef, state).init_cache(1, ctx + DECODE_STEPS)))
             weight_bytes = 4 * (param_count(cfg) - cfg.vocab_size * cfg.hidden_size)   # one embedding row read
-            step_bytes = weight_bytes + 2 * cache["mamba"] + cache["attention"]          # state read + write
+            step_bytes = weight_bytes + 2 * cache["MambaState"] + cache["KVCache"]      # state read + write
             emit({"context": ctx, "ms_per_token": round(1000 * per_token[ctx], 2),
                   "bytes_per_token_mb": round(step_bytes / 1e6, 1),
                   "roofline_fraction": round(step_bytes / per_token[ctx] / 1e9 / bandwidth, 3)})

@@ -19,7 +19,7 @@ import jax  # noqa: E402
 from common import emit  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from nemojax.config import ModelConfig  # noqa: E402
+from nemojax.config import ModelConfig, RuntimeOptions  # noqa: E402
 from nemojax.convert.hf import active_param_count, param_count  # noqa: E402
 from nemojax.layers.moe import MoE  # noqa: E402
 
@@ -55,7 +55,7 @@ def main() -> None:
     for experts, k in ((8, 2), (64, 4)):
         cfg = ModelConfig(pattern="E", hidden_size=512, n_routed_experts=experts, num_experts_per_tok=k,
                           moe_intermediate_size=512, moe_shared_expert_intermediate_size=512,
-                          moe_capacity_factor=1.25, vocab_size=64)
+                          runtime=RuntimeOptions(moe_capacity_factor=1.25), vocab_size=64)
         moe = MoE(cfg, nnx.Rngs(0))
         x = jax.random.normal(jax.random.key(1), (args.tokens // 512, 512, cfg.hidden_size))
         t = {impl: time_layer(moe, x, impl, args.repeats) for impl in ("dense", "capacity", "ragged")}

@@ -28,8 +28,7 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
 
-    from nemojax.ssd import ssd_chunked
-    from pallas_kernels.ssd import ssd_pallas
+    from nemojax.ssd import ssd
 
     backend = jax.default_backend()
     if backend not in ("gpu", "tpu"):
@@ -44,8 +43,8 @@ def main() -> None:
         A = -jnp.exp(jax.random.normal(k[2], (h,)) * 0.5)
         B = jax.random.normal(k[3], (b, t, g, n), jnp.bfloat16)
         C = jax.random.normal(k[4], (b, t, g, n), jnp.bfloat16)
-        impls = {"pallas": lambda *a: ssd_pallas(*a, chunk_size=q),
-                 "xla": lambda *a: ssd_chunked(*a, chunk_size=q)}
+        impls = {"pallas": lambda *a: ssd(*a, impl="pallas", chunk_size=q),
+                 "xla": lambda *a: ssd(*a, impl="chunked", chunk_size=q)}
         rec = {"seq": t, "batch": b}
         outs = {}
         for name, f in impls.items():

@@ -32,12 +32,12 @@ def _load_config(path: str):
 
 
 def _cmd_info(args) -> int:
+    from nemojax.config import LAYER_KINDS
     from nemojax.convert.hf import param_count
 
     cfg = _load_config(args.config)
-    counts = {c: cfg.pattern.count(c) for c in "M*-E"}
-    print(f"layers: {cfg.num_layers}  (Mamba-2 {counts['M']}, attention {counts['*']}, MLP {counts['-']}, "
-          f"MoE {counts['E']})")
+    counts = ", ".join(f"{kind.name} {cfg.pattern.count(c)}" for c, kind in LAYER_KINDS.items())
+    print(f"layers: {cfg.num_layers}  ({counts})")
     print(f"hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, mamba heads {cfg.mamba_num_heads}x"
           f"{cfg.mamba_head_dim} state {cfg.ssm_state_size} groups {cfg.n_groups}")
     print(f"parameters: {param_count(cfg):,}")
@@ -106,8 +106,8 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_pack(args) -> int:
-    from nemojax.convert.orbax import copy_tokenizer_files
-    from nemojax.quant.pack import PackSpec, pack_model, save_packed, weight_bytes
+    from nemojax.convert.orbax import copy_tokenizer_files, save_packed
+    from nemojax.quant.pack import PackSpec, pack_model, weight_bytes
 
     model = load_model(args.src)
     before = weight_bytes(model)

@@ -1,10 +1,9 @@
-"""ModelConfig: every architectural field the Nemotron-H forward pass needs, plus HF config.json and YAML I/O.
+"""ModelConfig (the architecture, plus `runtime`: how to execute it), the pattern-character table, HF config.json
+I/O, and the one parser of config mappings: YAML run configs, dotted key=value overrides and saved configs all go
+through `build`, which reports unknown keys with the closest field name and converts typed values.
 
-Layer pattern characters (one per layer, see architecture.md §1):
-    M  Mamba-2 mixer         (HF layer type "linear_attention", legacy "mamba")
-    *  GQA attention         ("full_attention", legacy "attention")
-    -  squared-ReLU MLP      ("mlp")
-    E  sigmoid-routed MoE    ("moe")
+LAYER_KINDS is the one table a layer kind is declared in: its pattern character, HF layer type names and mixer
+class (layers/block.py builds it; every mixer has the interface described in layers/common.py).
 """
 
 from __future__ import annotations
@@ -15,31 +14,44 @@ import json
 import logging
 import math
 import os
-from typing import Any, Optional
+import typing
+from typing import Any, Literal, Mapping, Optional, Union
+
+import jax.numpy as jnp
 
 logger = logging.getLogger(__name__)
-
-PATTERN_CHARS = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
-HF_TYPE_TO_CHAR = {v: k for k, v in PATTERN_CHARS.items()} | {"mamba": "M", "attention": "*"}
-DT_CLAMP_MODES = ("none", "hf")
-DTYPES = ("float32", "bfloat16", "float16")
-SSD_IMPLS = ("xla", "pallas", "naive", "associative")
-REMAT_POLICIES = ("none", "block", "dots")
-STABILITY_FIELDS = ("attn_qk_norm", "attn_qkv_norm", "attn_softcap")
-MOE_IMPLS = ("auto", "ragged", "capacity", "dense")
 
 
 class ConfigError(ValueError):
     """A config value is unknown, missing or inconsistent."""
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerKind:
+    name: str               # for messages and profile scopes
+    hf_types: tuple         # HF `layers_block_type` names; the first one is written
+    mixer: str              # "module:Class" of the mixer
+
+
+LAYER_KINDS = {
+    "M": LayerKind("Mamba-2", ("linear_attention", "mamba"), "nemojax.layers.mamba2:Mamba2Mixer"),
+    "*": LayerKind("attention", ("full_attention", "attention"), "nemojax.layers.attention:Attention"),
+    "-": LayerKind("MLP", ("mlp",), "nemojax.layers.mlp:MLP"),
+    "E": LayerKind("MoE", ("moe",), "nemojax.layers.moe:MoE"),
+}
+HF_TYPE_TO_CHAR = {t: c for c, kind in LAYER_KINDS.items() for t in kind.hf_types}
+STABILITY_FIELDS = ("attn_qk_norm", "attn_qkv_norm", "attn_softcap")
+
+
 def validate_pattern(pattern: str, what: str = "pattern") -> str:
     if not isinstance(pattern, str) or not pattern:
-        raise ConfigError(f"{what} must be a non-empty string of the characters M * - E, got {pattern!r}")
+        raise ConfigError(f"{what} must be a non-empty string of the characters {''.join(LAYER_KINDS)}, "
+                          f"got {pattern!r}")
     for i, ch in enumerate(pattern):
-        if ch not in PATTERN_CHARS:
+        if ch not in LAYER_KINDS:
+            allowed = ", ".join(f"{c!r} ({k.name})" for c, k in LAYER_KINDS.items())
             raise ConfigError(f"{what} {pattern!r} has unknown layer character {ch!r} at position {i}; "
-                              f"allowed: 'M' (Mamba-2), '*' (attention), '-' (MLP), 'E' (MoE)")
+                              f"allowed: {allowed}")
     return pattern
 
 
@@ -50,6 +62,42 @@ def pattern_from_layer_types(types: list[str], what: str = "layers_block_type") 
     if unknown:
         raise ConfigError(f"{what} has unknown layer types {unknown}; allowed: {sorted(HF_TYPE_TO_CHAR)}")
     return "".join(HF_TYPE_TO_CHAR[t] for t in types)
+
+
+def check_choices(obj, section: str) -> None:
+    """Raises for a Literal-typed field of the dataclass `obj` holding a value outside its choices."""
+    for name, hint in typing.get_type_hints(type(obj)).items():
+        value = getattr(obj, name, None)
+        if typing.get_origin(hint) is Literal and value not in typing.get_args(hint):
+            raise ConfigError(f"{section}.{name} must be one of {typing.get_args(hint)}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeOptions:
+    """How the model is executed; none of it changes what the model computes (up to rounding) or its checkpoints."""
+
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"        # compute dtype
+    param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    chunk_size: int = 128                                               # SSD chunk (HF config.json's chunk_size)
+    ssd_impl: Literal["chunked", "naive", "associative", "pallas"] = "chunked"   # see nemojax/ssd
+    moe_impl: Literal["auto", "ragged", "capacity", "dense"] = "auto"   # see layers/moe.py
+    moe_capacity_factor: Optional[float] = None  # 'capacity' slots per expert = cf * tokens * k / E; None: dropless
+    moe_aux_loss_coef: float = 0.0               # Switch-style balance loss; 0 = aux-loss-free (bias updates)
+    mtp_depth: int = 1                           # prediction depths trained/drafted by the MTP head
+    remat: Literal["none", "block", "dots"] = "none"    # activation recomputation per block in training
+    # "none": NVIDIA's reference (mamba_ssm, Megatron, vLLM): dt only limited by time_step_limit.
+    # "hf": transformers 5.x, which also clamps dt >= time_step_min on prompt (multi-token) forwards.
+    dt_clamp: Literal["none", "hf"] = "none"
+
+    def __post_init__(self):
+        check_choices(self, "model.runtime")
+        if self.chunk_size < 1 or self.mtp_depth < 1:
+            raise ConfigError(f"chunk_size and mtp_depth must be >= 1, got {self.chunk_size} and {self.mtp_depth}")
+        if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:
+            raise ConfigError(f"moe_capacity_factor must be positive or None, got {self.moe_capacity_factor}")
+
+
+RUNTIME_FIELDS = frozenset(f.name for f in dataclasses.fields(RuntimeOptions))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,24 +114,20 @@ class ModelConfig:
     # dense MLP
     intermediate_size: int = 21504
     mlp_bias: bool = False
-    mlp_hidden_act: str = "relu2"
+    mlp_hidden_act: Literal["relu2"] = "relu2"
     # Mamba-2
     mamba_num_heads: int = 128
     mamba_head_dim: int = 64
     ssm_state_size: int = 128
     n_groups: int = 8
     conv_kernel: int = 4
-    chunk_size: int = 128
     use_conv_bias: bool = True
     mamba_proj_bias: bool = False
-    mamba_hidden_act: str = "silu"
+    mamba_hidden_act: Literal["silu"] = "silu"
     time_step_min: float = 0.001
     time_step_max: float = 0.1
     time_step_floor: float = 1e-4
     time_step_limit: tuple[float, float] = (0.0, math.inf)
-    # "none": NVIDIA's reference (mamba_ssm, Megatron, vLLM): dt only limited by time_step_limit.
-    # "hf": transformers 5.x, which also clamps dt >= time_step_min on multi-token (prefill) forwards only.
-    dt_clamp: str = "none"
     # MoE (E layers)
     n_routed_experts: int = 0
     num_experts_per_tok: int = 0
@@ -107,20 +151,12 @@ class ModelConfig:
     bos_token_id: Optional[int] = 1
     eos_token_id: Any = 2
     pad_token_id: Optional[int] = 0
-    # runtime choices (not architecture): compute/param dtypes, kernels, MoE dispatch, MTP training depth
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    ssd_impl: str = "xla"
-    moe_impl: str = "auto"                       # auto | ragged | capacity | dense (see layers/moe.py)
-    moe_capacity_factor: Optional[float] = None  # 'capacity' slots per expert = cf * tokens * k / E; None: dropless
-    moe_aux_loss_coef: float = 0.0               # Switch-style balance loss; 0 = aux-loss-free (bias updates)
-    mtp_depth: int = 1                           # prediction depths trained/drafted by the MTP head
-    remat: str = "none"                          # activation recomputation per block: none | block | dots
     # training-stability options (quant_training.md §4; they change the architecture, so HF checkpoints,
     # which have none of them, cannot hold a model that uses them)
     attn_qk_norm: bool = False                   # RMSNorm over head_dim on Q and K before the scores
     attn_qkv_norm: bool = False                  # RMSNorm on Q, K and V after the projection; no pre-norm
     attn_softcap: float = 0.0                    # scores <- c * tanh(scores / c) when c > 0 (e.g. 50)
+    runtime: RuntimeOptions = RuntimeOptions()
 
     def __post_init__(self):
         if isinstance(self.time_step_limit, list):
@@ -148,6 +184,14 @@ class ModelConfig:
         return 2 * self.mamba_inner + 2 * self.n_groups * self.ssm_state_size + self.mamba_num_heads
 
     @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.runtime.dtype)
+
+    @property
+    def param_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.runtime.param_dtype)
+
+    @property
     def stop_token_ids(self) -> tuple[int, ...]:
         eos = self.eos_token_id
         if eos is None:
@@ -158,43 +202,25 @@ class ModelConfig:
     def validate(self) -> None:
         validate_pattern(self.pattern)
         for name in ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-                     "mamba_num_heads", "mamba_head_dim", "ssm_state_size", "n_groups", "conv_kernel",
-                     "chunk_size"):
+                     "mamba_num_heads", "mamba_head_dim", "ssm_state_size", "n_groups", "conv_kernel"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if "*" in self.pattern and self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
                               f"num_key_value_heads ({self.num_key_value_heads})")
-        if "M" in self.pattern:
-            if self.mamba_num_heads % self.n_groups:
-                raise ConfigError(f"mamba_num_heads ({self.mamba_num_heads}) must be divisible by "
-                                  f"n_groups ({self.n_groups})")
-        if self.remat not in REMAT_POLICIES:
-            raise ConfigError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if "M" in self.pattern and self.mamba_num_heads % self.n_groups:
+            raise ConfigError(f"mamba_num_heads ({self.mamba_num_heads}) must be divisible by "
+                              f"n_groups ({self.n_groups})")
         if self.attn_softcap < 0:
             raise ConfigError(f"attn_softcap must be >= 0 (0 disables), got {self.attn_softcap}")
         if "-" in self.pattern and self.intermediate_size <= 0:
             raise ConfigError(f"intermediate_size must be positive for '-' layers, got {self.intermediate_size}")
-        if self.mlp_hidden_act != "relu2":
-            raise ConfigError(f"mlp_hidden_act {self.mlp_hidden_act!r} is not supported; Nemotron-H uses 'relu2'")
-        if self.mamba_hidden_act != "silu":
-            raise ConfigError(f"mamba_hidden_act {self.mamba_hidden_act!r} is not supported; Nemotron-H uses 'silu'")
-        if self.dt_clamp not in DT_CLAMP_MODES:
-            raise ConfigError(f"dt_clamp must be one of {DT_CLAMP_MODES}, got {self.dt_clamp!r}")
+        check_choices(self, "model")
         if len(self.time_step_limit) != 2 or not self.time_step_limit[0] <= self.time_step_limit[1]:
             raise ConfigError(f"time_step_limit must be (min, max) with min <= max, got {self.time_step_limit!r}")
-        for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ConfigError(f"{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
-        if self.ssd_impl not in SSD_IMPLS:
-            raise ConfigError(f"ssd_impl must be one of {SSD_IMPLS}, got {self.ssd_impl!r}")
-        if self.moe_impl not in MOE_IMPLS:
-            raise ConfigError(f"moe_impl must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
-        if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:
-            raise ConfigError(f"moe_capacity_factor must be positive or None, got {self.moe_capacity_factor}")
-        if self.mtp_depth < 1:
-            raise ConfigError(f"mtp_depth must be >= 1, got {self.mtp_depth}")
+        if not isinstance(self.runtime, RuntimeOptions):
+            raise ConfigError(f"runtime must be RuntimeOptions, got {type(self.runtime).__name__}")
         if "E" in self.pattern or (self.num_nextn_predict_layers and "E" in self.mtp_pattern):
             self._validate_moe()
         if self.num_nextn_predict_layers < 0:
@@ -217,16 +243,22 @@ class ModelConfig:
         if not 0 < self.topk_group <= self.n_group:
             raise ConfigError(f"topk_group ({self.topk_group}) must be in [1, n_group={self.n_group}]")
 
-    # ------------------------------------------------------------------ construction helpers
+    # ------------------------------------------------------------------ construction
     def replace(self, **changes) -> "ModelConfig":
-        _check_keys(changes, "ModelConfig.replace")
-        return dataclasses.replace(self, **changes)
+        """A copy with `changes`; runtime options may be named directly (cfg.replace(remat="block"))."""
+        return ModelConfig.from_dict({**self.to_dict(), **changes}, what="ModelConfig.replace")
 
     @classmethod
-    def from_dict(cls, d: dict, what: str = "model config") -> "ModelConfig":
-        """Builds from our own field names (YAML configs). Unknown keys are errors, with a suggestion."""
-        _check_keys(d, what)
-        return cls(**coerce_numbers(cls, d, what))
+    def from_dict(cls, d: Mapping, what: str = "model config") -> "ModelConfig":
+        """From our own field names (YAML configs, saved checkpoints). Runtime options may also be given beside
+        the architecture fields (`remat: block`) instead of in a `runtime:` section."""
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"{what} must be a mapping, got {d!r}")
+        d = dict(d)
+        runtime = d.pop("runtime", None)
+        runtime = dict(runtime) if isinstance(runtime, Mapping) else dataclasses.asdict(runtime or RuntimeOptions())
+        runtime.update({key: d.pop(key) for key in RUNTIME_FIELDS & d.keys()})
+        return build(cls, {**d, "runtime": runtime}, what)
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -238,15 +270,8 @@ class ModelConfig:
     @classmethod
     def from_yaml(cls, path: str, **overrides) -> "ModelConfig":
         """Reads a YAML file; takes its `model:` section when present, so run configs can embed one."""
-        import yaml
-
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at top level")
-        data = dict(data.get("model", data))
-        data.update(overrides)
-        return cls.from_dict(data, what=f"model config {path}")
+        data = read_yaml(path)
+        return cls.from_dict({**data.get("model", data), **overrides}, what=f"model config {path}")
 
     @classmethod
     def from_hf(cls, path: str, **overrides) -> "ModelConfig":
@@ -278,8 +303,7 @@ class ModelConfig:
             hf["mamba_proj_bias"] = hf.pop("use_bias")
         for legacy, new in _HF_LEGACY_KEYS.items():
             if legacy in hf:
-                value = hf.pop(legacy)
-                hf.setdefault(new, value)
+                hf.setdefault(new, hf.pop(legacy))
         if "layers_block_type" in hf or "layer_types" in hf:
             types = hf.pop("layers_block_type", None) or hf.pop("layer_types")
             hf.pop("layer_types", None)
@@ -302,19 +326,18 @@ class ModelConfig:
                 out["mtp_pattern"] = pattern_from_layer_types(types, "mtp_layers_block_type")
         if "mtp_hybrid_override_pattern" in hf:
             out["mtp_pattern"] = validate_pattern(hf.pop("mtp_hybrid_override_pattern"), "mtp_hybrid_override_pattern")
-        if hf.get("moe_latent_size") is None:
-            hf.pop("moe_latent_size", None)
-        if hf.get("head_dim") is None:
-            hf.pop("head_dim", None)
+        for key in ("moe_latent_size", "head_dim"):
+            if hf.get(key) is None:
+                hf.pop(key, None)
         if hf.get("num_key_value_heads") is None and "num_attention_heads" in hf:
             hf["num_key_value_heads"] = hf["num_attention_heads"]
         n_shared = hf.pop("n_shared_experts", 1)
         if n_shared not in (0, 1):
             raise ConfigError(f"n_shared_experts={n_shared} is not supported (published models use 1)")
-        fields = {f.name for f in dataclasses.fields(cls)} - _RUNTIME_FIELDS - {"pattern", "mtp_pattern"}
+        runtime = {"dt_clamp": dt_clamp, **({"chunk_size": hf.pop("chunk_size")} if "chunk_size" in hf else {})}
         unknown = []
         for key, value in hf.items():
-            if key in fields:
+            if key in _HF_FIELDS:
                 out[key] = value
             elif key not in _HF_IGNORED_KEYS:
                 unknown.append(key)
@@ -324,10 +347,7 @@ class ModelConfig:
             out["time_step_limit"] = tuple(_json_float(v) for v in out["time_step_limit"])
         else:
             out.pop("time_step_limit", None)
-        out["dt_clamp"] = dt_clamp
-        out.update(overrides)
-        _check_keys(out, "ModelConfig.from_hf_dict overrides")
-        return cls(**out)
+        return cls.from_dict({**out, "runtime": runtime, **overrides}, what="config.json")
 
     def to_hf_dict(self) -> dict:
         """An HF `config.json` dict that transformers' NemotronHConfig (and NVIDIA's remote config) load."""
@@ -338,20 +358,18 @@ class ModelConfig:
         d = {
             "architectures": ["NemotronHForCausalLM"],
             "model_type": "nemotron_h",
-            "layers_block_type": [PATTERN_CHARS[c] for c in self.pattern],
+            "layers_block_type": [LAYER_KINDS[c].hf_types[0] for c in self.pattern],
             "hybrid_override_pattern": self.pattern,
             "num_hidden_layers": self.num_layers,
-            "torch_dtype": self.param_dtype,
+            "torch_dtype": self.runtime.param_dtype,
+            "chunk_size": self.runtime.chunk_size,
         }
-        skip = _RUNTIME_FIELDS | {"pattern", "mtp_pattern", "dt_clamp"}
-        for f in dataclasses.fields(self):
-            if f.name in skip:
-                continue
-            value = getattr(self, f.name)
-            d[f.name] = list(value) if isinstance(value, tuple) else value
+        for name in _HF_FIELDS:
+            value = getattr(self, name)
+            d[name] = list(value) if isinstance(value, tuple) else value
         d["time_step_limit"] = [_float_to_json(v) for v in self.time_step_limit]
         if self.num_nextn_predict_layers:
-            d["mtp_layers_block_type"] = [PATTERN_CHARS[c] for c in self.mtp_pattern]
+            d["mtp_layers_block_type"] = [LAYER_KINDS[c].hf_types[0] for c in self.mtp_pattern]
         d["n_shared_experts"] = 1
         d["use_bias"] = self.mamba_proj_bias
         return d
@@ -362,8 +380,9 @@ class ModelConfig:
             json.dump(self.to_hf_dict(), f, indent=2, sort_keys=True, allow_nan=True)
 
 
-_RUNTIME_FIELDS = {"dtype", "param_dtype", "ssd_impl", "moe_impl", "moe_capacity_factor", "moe_aux_loss_coef",
-                   "mtp_depth", "remat"} | set(STABILITY_FIELDS)
+# Architecture fields HF config.json holds under the same name.
+_HF_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig)
+                   if f.name not in {"pattern", "mtp_pattern", "runtime", *STABILITY_FIELDS})
 
 _HF_LEGACY_KEYS = {
     "mamba_n_groups": "n_groups",
@@ -408,44 +427,80 @@ def _float_to_json(value: float):
     return value if math.isfinite(value) else {"__float__": str(value).replace("inf", "Infinity")}
 
 
-def coerce_numbers(cls, d: dict, what: str) -> dict:
-    """Values for float / int / bool fields given as strings or ints -> the field's type. YAML 1.1 reads
-    `1e-3` (no dot) as a string, which would otherwise reach the code as one. Unconvertible values raise."""
-    import typing
+# ---------------------------------------------------------------------------------------------- parsing
 
+def build(cls, data: Mapping, what: str):
+    """cls(**data) for a config dataclass, nested dataclass fields built from nested mappings. An unknown key
+    is an error naming the closest field; values of typed fields are converted (numbers given as strings:
+    YAML 1.1 reads `1e-3` as one), and an unconvertible value is an error naming its dotted path."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{what} must be a mapping of field names to values, got {data!r}")
     hints = typing.get_type_hints(cls)
-    out = dict(d)
-    for key, value in d.items():
-        hint = hints.get(key)
-        args = typing.get_args(hint)
-        if args and type(None) in args and len(args) == 2:        # Optional[X]
-            hint = next(a for a in args if a is not type(None))
-            if value is None:
-                continue
-        if hint not in (float, int, bool) or isinstance(value, bool) and hint is bool:
-            continue
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            hint = difflib.get_close_matches(str(key), names, n=1)
+            raise ConfigError(f"unknown key {key!r} in {what}" + (f"; did you mean {hint[0]!r}?" if hint else ""))
+        kwargs[key] = _convert(hints[key], value, f"{what}.{key}")
+    return cls(**kwargs)
+
+
+def _convert(hint, value, what: str):
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is Union and type(None) in args:          # Optional[X]
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if dataclasses.is_dataclass(hint):
+        return value if isinstance(value, hint) else build(hint, value, what)
+    if hint in (int, float, bool) and not (isinstance(value, bool) and hint is bool):
         try:
             if hint is bool:
                 if not isinstance(value, str) or value.lower() not in ("true", "false"):
                     raise ValueError
-                out[key] = value.lower() == "true"
-            elif hint is int:
-                if isinstance(value, float) and not value.is_integer() or isinstance(value, bool):
-                    raise ValueError
-                out[key] = int(value)
-            else:
-                if isinstance(value, bool):
-                    raise ValueError
-                out[key] = float(value)
+                return value.lower() == "true"
+            if isinstance(value, bool) or hint is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return hint(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"{what}.{key} must be {hint.__name__}, got {value!r}") from None
+            raise ConfigError(f"{what} must be {hint.__name__}, got {value!r}") from None
+    if typing.get_origin(hint) is tuple and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def read_yaml(path: str) -> dict:
+    import yaml
+
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    if not isinstance(data, dict) or not data:
+        raise ConfigError(f"{path}: expected a non-empty mapping at top level, got {data!r}")
+    return data
+
+
+def read_run_config(path: str, overrides=(), sections=("model", "train")) -> dict:
+    """{section: mapping} of a YAML run config with dotted `key=value` overrides applied (values parsed as
+    YAML; a key without a section prefix belongs to the last section: `steps=10` is `train.steps=10`)."""
+    import yaml
+
+    raw = read_yaml(path)
+    for key in raw:
+        if key not in sections:
+            hint = difflib.get_close_matches(str(key), sections, n=1)
+            raise ConfigError(f"unknown section {key!r} in {path}; expected {', '.join(sections)}"
+                              + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+    out = {s: dict(raw.get(s) or {}) for s in sections}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        parts = key.split(".")
+        node = out if parts[0] in sections else out[sections[-1]]
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p!r} is a value, not a section")
+        node[parts[-1]] = yaml.safe_load(value)
     return out
-
-
-def _check_keys(d: dict, what: str) -> None:
-    fields = [f.name for f in dataclasses.fields(ModelConfig)]
-    for key in d:
-        if key not in fields:
-            hint = difflib.get_close_matches(key, fields, n=1)
-            suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
-            raise ConfigError(f"unknown key {key!r} in {what}{suggestion}")

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nemojax.cache import init_cache
+from nemojax.layers.common import Mode
 from nemojax.model import NemotronH
 
 
@@ -50,15 +50,26 @@ def sample(logits: jax.Array, key: jax.Array, temperature: float, top_k: int, to
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+def _prefill_logits(model: NemotronH, ids, mask, max_len: int):
+    """Prompt ids [b, p] into a fresh cache of max_len positions -> (last position's logits [b, V], cache)."""
+    hidden, cache = model.forward(ids, mask=mask, cache=model.init_cache(ids.shape[0], max_len), mode=Mode.PREFILL)
+    return model.logits(hidden[:, -1]), cache
+
+
+def _decode_logits(model: NemotronH, tokens, cache):
+    """One token per row [b] continuing cache -> (logits [b, V], cache)."""
+    hidden, cache = model.forward(tokens[:, None], cache=cache, mode=Mode.DECODE)
+    return model.logits(hidden[:, 0]), cache
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p",
                                              "stop_tokens", "pad_id"))
 def _generate(graphdef, state, ids, mask, key, *, max_new_tokens, temperature, top_k, top_p, stop_tokens, pad_id):
     model = nnx.merge(graphdef, state)
     b, p = ids.shape
-    cache = init_cache(model.config, b, p + max_new_tokens)
-    logits, _, cache = model.forward_cached(ids, cache, mask, prefill=True)
+    logits, cache = _prefill_logits(model, ids, mask, p + max_new_tokens)
     key, sub = jax.random.split(key)
-    first = sample(logits[:, -1], sub, temperature, top_k, top_p)
+    first = sample(logits, sub, temperature, top_k, top_p)
     stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
     done = jnp.isin(first, stops)
@@ -69,10 +80,9 @@ def _generate(graphdef, state, ids, mask, key, *, max_new_tokens, temperature, t
 
     def body(carry):
         step, cache, out, done, key = carry
-        last = out[:, step - 1]
-        logits, _, cache = model.forward_cached(last[:, None], cache)
+        logits, cache = _decode_logits(model, out[:, step - 1], cache)
         key, sub = jax.random.split(key)
-        tok = jnp.where(done, pad_id, sample(logits[:, -1], sub, temperature, top_k, top_p))
+        tok = jnp.where(done, pad_id, sample(logits, sub, temperature, top_k, top_p))
         out = out.at[:, step].set(tok)
         return step + 1, cache, out, done | jnp.isin(tok, stops), key
 
@@ -117,16 +127,12 @@ def generate(model: NemotronH, input_ids, max_new_tokens: int = 32, temperature:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_len"))
 def _prefill(graphdef, state, ids, mask, max_len):
-    model = nnx.merge(graphdef, state)
-    cache = init_cache(model.config, ids.shape[0], max_len)
-    logits, _, cache = model.forward_cached(ids, cache, mask, prefill=True)
-    return logits[:, -1], cache
+    return _prefill_logits(nnx.merge(graphdef, state), ids, mask, max_len)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _decode_step(graphdef, state, tokens, cache):
-    logits, _, cache = nnx.merge(graphdef, state).forward_cached(tokens[:, None], cache)
-    return logits[:, -1], cache
+    return _decode_logits(nnx.merge(graphdef, state), tokens, cache)
 
 
 def stream_generate(model: NemotronH, input_ids, max_new_tokens: int = 32, temperature: float = 0.0,

@@ -1,11 +1,10 @@
 """glibc malloc settings that stop XLA:CPU from page-faulting its temporaries afresh on every step.
 
-XLA:CPU allocates each execution's temporaries (one buffer of ~3 GB for a 123M model's train step at 2x512
-tokens) with posix_memalign from its worker threads. Those threads get their own glibc arenas, and a non-main
-arena serves any chunk above 64 MB with a fresh mmap that free() unmaps again. Every step then faults in and
-zeroes the whole buffer: ~830k page faults and ~20% of the step's wall time on a 2-core machine. With a single
+XLA:CPU allocates each execution's temporaries (gigabytes for a train step) with posix_memalign from its worker
+threads. Those threads get their own glibc arenas, and a non-main arena serves any chunk above 64 MB with a
+fresh mmap that free() unmaps again, so every step faults in and zeroes the whole buffer again. With a single
 arena, no mmap and no trimming, the freed buffer stays in the heap and the next step reuses it untouched
-(measured: 264 -> 342 tokens/s, zero page faults in steady state; benchmarks/train_step.py).
+(docs/architecture.md, "Host allocator on CPU", has the measurements).
 
 The cost is that the process keeps its peak heap instead of returning it to the OS, which is what a training
 or serving process wants. The settings only affect threads that have not allocated yet, so they must be in

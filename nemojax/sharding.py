@@ -1,20 +1,17 @@
-"""Device meshes and parameter / batch shardings.
+"""Device meshes, and shardings from logical axes.
 
 Mesh axes (data, fsdp, tensor, expert) with AxisType.Auto (GSPMD-style propagation; jax.make_mesh defaults to
 Explicit in 0.10, where a plain model fails with 'specify out_sharding'). Sizes come from the config, -1 fills
 the remaining devices.
 
-Parameter specs follow the usual Megatron/MaxText layout, by parameter name:
-    column-parallel  [in, out] -> P('fsdp', 'tensor')   q/k/v, MLP up, Mamba in_proj_{z,x,B,C,dt}, latent fc1
-    row-parallel     [in, out] -> P('tensor', 'fsdp')   o_proj, MLP down, Mamba out_proj, latent fc2
-    per-channel      [C]       -> P('tensor')            Mamba conv biases, A_log, D, dt_bias, gated-norm weight
-    conv weights     [K, C]    -> P(None, 'tensor')
-    experts          [E, ...]  -> P('expert', ...)
-    embeddings [V, D] -> P('tensor', 'fsdp'); lm_head [D, V] -> P('fsdp', 'tensor'); norms replicated.
-Because the Mamba projections are stored per component (z, x, B, C, dt), sharding their output axis over
-'tensor' splits each component by heads (x, z, dt) or groups (B, C) and never puts two components in one
-shard. An axis is dropped from a spec when it does not divide that dimension (the parameter is then
-replicated along it), so every config shards without errors; GSPMD inserts the collectives.
+Every parameter declares its logical axes where it is created (layers/common.py: `param`, `linear`; stored as
+the variable's `logical_axes` metadata, which optimizer states inherit), and RULES maps each logical axis to
+mesh axes, the usual Megatron/MaxText layout: column-parallel projections [embed, heads/mlp/mamba_heads] ->
+P('fsdp', 'tensor'), row-parallel ones the reverse, experts over 'expert', norms replicated. Because the Mamba
+projections are stored per component (z, x, B, C, dt), sharding their output axis over 'tensor' splits each
+component by heads or groups and never puts two components in one shard. A mesh axis is dropped from a spec
+when it does not divide that dimension (the array is then replicated along it), so every config shards; GSPMD
+inserts the collectives. A variable with dimensions but no logical axes is an error, never silently replicated.
 """
 
 from __future__ import annotations
@@ -25,10 +22,27 @@ from typing import Optional
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 AXES = ("data", "fsdp", "tensor", "expert")
+
+# logical axis -> mesh axes (None: replicated). One table for parameters, activations and inference caches.
+RULES = {
+    # activations and caches; the residual stream is sharded over the batch only: tensor-parallel layers gather
+    # it at their input and reduce at their output (Megatron's non-sequence-parallel layout)
+    "batch": ("data", "fsdp"), "seq": None, "act_embed": None, "cache_seq": None,
+    "vocab": ("tensor",),                  # embedding rows, lm_head columns, logits
+    "embed": ("fsdp",),                    # the hidden size of weights (FSDP)
+    "heads": ("tensor",), "kv_heads": ("tensor",), "head_dim": None,
+    "mlp": ("tensor",),
+    "mamba_heads": ("tensor",), "ssm_groups": ("tensor",), "conv_kernel": None,
+    "experts": ("expert",), "expert_embed": ("fsdp",), "expert_mlp": ("tensor",), "router": None,
+    "latent": ("tensor",),                 # LatentMoE's projection width
+    "concat_embed": ("tensor",),           # MTP eh_proj input: [embedding | hidden]
+    "norm": None,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,87 +74,53 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Optional[list] = None) ->
     return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
 
-COLUMN = ("q_proj", "k_proj", "v_proj", "up_proj", "in_proj_z", "in_proj_x", "in_proj_B", "in_proj_C",
-          "in_proj_dt", "fc1_latent_proj", "eh_proj")
-ROW = ("o_proj", "down_proj", "out_proj", "fc2_latent_proj")
-PER_CHANNEL = ("A_log", "D", "dt_bias")
+def logical_to_spec(logical: tuple, shape: tuple, mesh_axes: dict) -> P:
+    """PartitionSpec of an array with logical axes `logical` on a mesh of {axis: size}: each dimension takes the
+    mesh axes RULES gives it that exist, have size > 1 and together divide it (otherwise it is replicated)."""
+    if len(logical) != len(shape):
+        raise ValueError(f"logical axes {logical} do not match shape {shape}")
+    spec = []
+    for dim, name in zip(shape, logical):
+        if name is not None and name not in RULES:
+            raise ValueError(f"logical axis {name!r} has no entry in sharding.RULES")
+        kept = tuple(a for a in RULES.get(name) or () if mesh_axes.get(a, 1) > 1)
+        size = math.prod(mesh_axes[a] for a in kept)
+        spec.append((kept if len(kept) > 1 else kept[0]) if kept and dim % size == 0 else None)
+    used = [a for entry in spec if entry for a in ((entry,) if isinstance(entry, str) else entry)]
+    if len(used) != len(set(used)):
+        raise ValueError(f"logical axes {logical} put a mesh axis on two dimensions: {P(*spec)}")
+    return P(*spec)
 
 
-def logical_spec(path: tuple, shape: tuple) -> tuple:
-    """Mesh axes per dimension for the parameter at `path` (before divisibility checks)."""
-    names = [str(p) for p in path]
-    leaf, owner = names[-1], names[-2] if len(names) > 1 else ""
-    if "experts" not in names and owner == "mixer" and leaf in ("up_proj", "down_proj") and len(shape) == 3:
-        # stacked routed experts [E, in, out]
-        return ("expert", "fsdp", "tensor") if leaf == "up_proj" else ("expert", "tensor", "fsdp")
-    if leaf == "gate":
-        return ("fsdp", None)
-    if leaf == "embedding":
-        return ("tensor", "fsdp")
-    if owner == "lm_head":
-        return ("fsdp", "tensor")
-    if owner in COLUMN:
-        return ("fsdp", "tensor") if leaf == "kernel" else ("tensor",)
-    if owner in ROW:
-        return ("tensor", "fsdp") if leaf == "kernel" else (None,)
-    if owner.startswith("conv_"):
-        return (None, "tensor") if leaf == "weight" else ("tensor",)
-    if leaf in PER_CHANNEL:
-        return ("tensor",)
-    if owner == "norm" and len(names) >= 3 and names[-3] == "mixer":
-        return ("tensor",)                      # the Mamba gated norm over inner channels
-    return (None,) * len(shape)
+def variable_spec(path: tuple, var, mesh_axes: dict) -> P:
+    """The PartitionSpec of an nnx.Variable from its `logical_axes` metadata (scalars may have none)."""
+    value = var.get_value()
+    axes = var.get_metadata().get("logical_axes")
+    if axes is None:
+        if getattr(value, "ndim", 0) == 0:
+            return P()
+        raise ValueError(f"{'.'.join(map(str, path))} {tuple(value.shape)} declares no logical axes "
+                         f"(give them where it is created: layers/common.py param/linear)")
+    return logical_to_spec(tuple(axes), tuple(value.shape), mesh_axes)
 
 
-def fit_spec(axes: tuple, shape: tuple, mesh: Mesh) -> P:
-    """Drops mesh axes that do not divide their dimension (or are size 1)."""
-    fitted = []
-    for dim, axis in zip(shape, axes):
-        size = mesh.shape[axis] if axis else 1
-        fitted.append(axis if axis and size > 1 and dim % size == 0 else None)
-    return P(*fitted)
-
-
-def param_shardings(state, mesh: Mesh):
-    """NamedShardings matching an nnx.State (or any pytree keyed like one) of parameters."""
-    def one(path, leaf):
-        keys = tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
-        keys = tuple(k for k in keys if k not in ("value", "raw_value"))
-        shape = tuple(getattr(leaf, "shape", ()))
-        return NamedSharding(mesh, fit_spec(logical_spec(keys, shape), shape, mesh))
-
-    return jax.tree_util.tree_map_with_path(one, state)
-
-
-# logical activation axes -> mesh axes. The residual stream is sharded over the batch only: tensor-parallel
-# layers gather it at their input and reduce at their output, as in Megatron's non-sequence-parallel layout.
-ACTIVATION_AXES = {"batch": ("data", "fsdp"), "seq": None, "embed": None, "vocab": ("tensor",)}
+def shard_model(model, mesh: Mesh):
+    """Places every variable of an NNX object (model, optimizer) on the mesh by its logical axes, in place."""
+    mesh_axes = dict(mesh.shape)
+    for path, var in nnx.state(model).flat_state():
+        var.set_value(jax.device_put(var.get_value(), NamedSharding(mesh, variable_spec(path, var, mesh_axes))))
+    return model
 
 
 def constrain(x: jax.Array, logical: tuple) -> jax.Array:
-    """Pins activation x to the mesh axes of its logical axes (ACTIVATION_AXES) when a mesh is set with
-    jax.set_mesh (the trainer sets its mesh around each step); a no-op without one. Axes that do not divide
-    their dimension are left unsharded."""
+    """Pins activation x to the mesh axes of its logical axes when a mesh is set with jax.set_mesh (the trainer
+    sets its mesh around each step); a no-op without one."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    spec = []
-    for dim, name in zip(x.shape, logical):
-        kept = tuple(a for a in ACTIVATION_AXES.get(name) or () if mesh.shape.get(a, 1) > 1)
-        size = int(np.prod([mesh.shape[a] for a in kept])) if kept else 1
-        spec.append(kept if kept and dim % size == 0 else None)
-    return jax.lax.with_sharding_constraint(x, P(*spec))
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical, x.shape, dict(mesh.shape)))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """[batch, seq] arrays: batch over data x fsdp."""
     return NamedSharding(mesh, P(("data", "fsdp"), None))
-
-
-def shard_model(model, mesh: Mesh):
-    """Places every variable of an NNX model on the mesh by its spec (in place)."""
-    from flax import nnx
-
-    state = nnx.state(model)
-    nnx.update(model, jax.device_put(state, param_shardings(state, mesh)))
-    return model

@@ -22,9 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nemojax.cache import init_cache
 from nemojax.generate import _prepare
-from nemojax.layers.mamba2 import MambaState
+from nemojax.layers.common import Mode
 from nemojax.model import NemotronH
 
 
@@ -38,36 +37,36 @@ class SpeculativeStats(NamedTuple):
         return self.accepted / max(self.drafted, 1)
 
 
-def _draft(model, mtp_out, last_token, mtp_cache, k):
+def _rewind(cache: tuple, pos, index=None) -> tuple:
+    """Every layer cache back to `pos` written positions (index: the position of a VERIFY pass to keep)."""
+    return tuple(None if entry is None else entry.rewind(pos, index) for entry in cache)
+
+
+def _draft(model, mtp_out, mtp_cache, k):
     """k drafts from the MTP block: the first from `mtp_out` [b, D] (its output at the last verified position),
     then feeding back its own output at the following positions. Returns (drafts [b, k], mtp_cache)."""
     drafts = [jnp.argmax(model.logits(mtp_out), -1).astype(jnp.int32)]
-    block = model.mtp[0]
     h, cache = mtp_out, mtp_cache
-    ones = jnp.ones((h.shape[0], 1), jnp.int32)
     for _ in range(k - 1):
-        out, cache = block.forward_cached(h[:, None], model.embeddings(drafts[-1][:, None]), cache, ones, cache.pos)
+        out, cache = model.mtp[0](h[:, None], model.embeddings(drafts[-1][:, None]), cache=cache, mode=Mode.DECODE)
         h = out[:, 0]
         drafts.append(jnp.argmax(model.logits(h), -1).astype(jnp.int32))
-    del last_token
     return jnp.stack(drafts, axis=1), cache
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "k", "pad_id"))
 def _speculative(graphdef, state, ids, mask, *, max_new_tokens, k, pad_id):
     model = nnx.merge(graphdef, state)
-    cfg = model.config
+    mtp = model.mtp[0]
     b, p = ids.shape
     max_len = p + max_new_tokens + k + 1
-    cache = init_cache(cfg, b, max_len)
-    mtp_cache = init_cache(cfg, b, max_len, pattern=cfg.mtp_pattern)
-    logits, hidden, cache = model.forward_cached(ids, cache, mask, prefill=True)
-    first = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
+    hidden, cache = model.forward(ids, mask=mask, cache=model.init_cache(b, max_len), mode=Mode.PREFILL)
+    first = jnp.argmax(model.logits(hidden[:, -1]), -1).astype(jnp.int32)
     # MTP over the prompt: position i pairs h_i with token i+1 (the first generated token for the last one).
     next_tokens = jnp.concatenate([ids[:, 1:], first[:, None]], axis=1)
-    mtp_out, mtp_cache = model.mtp[0].forward_cached(hidden, model.embeddings(next_tokens), mtp_cache, mask, 0,
-                                                     prefill=True)
-    drafts, mtp_cache_drafted = _draft(model, mtp_out[:, -1], first, mtp_cache, k)
+    mtp_out, mtp_cache = mtp(hidden, model.embeddings(next_tokens), mask=mask,
+                             cache=mtp.init_cache(b, max_len, model.config.compute_dtype), mode=Mode.PREFILL)
+    drafts, mtp_cache = _draft(model, mtp_out[:, -1], mtp_cache, k)
     out = jnp.full((b, max_new_tokens + k + 1), pad_id, jnp.int32).at[:, 0].set(first)
     j = jnp.arange(k + 1)
 
@@ -76,30 +75,24 @@ def _speculative(graphdef, state, ids, mask, *, max_new_tokens, k, pad_id):
 
     def body(carry):
         count, last, drafts, cache, mtp_cache, out, iters, accepted = carry
-        pos = cache.pos
+        pos = p + count - 1               # positions in the cache: the prompt and every emitted token but the last
         chunk = jnp.concatenate([last[:, None], drafts], axis=1)                      # [b, k+1]
-        logits, hidden, verified = model.forward_cached(chunk, cache, all_states=True)
-        greedy = jnp.argmax(logits, -1).astype(jnp.int32)                             # [b, k+1]
+        hidden, verified = model.forward(chunk, cache=cache, mode=Mode.VERIFY)
+        greedy = jnp.argmax(model.logits(hidden), -1).astype(jnp.int32)               # [b, k+1]
         match = jnp.cumprod((drafts == greedy[:, :-1]).astype(jnp.int32), axis=1)     # leading matches
         a = jnp.min(match.sum(axis=1))                                                # accepted drafts
         bonus = jnp.take(greedy, a, axis=1)                                           # [b]
         emitted = jnp.where(j[None, :] < a, jnp.pad(drafts, ((0, 0), (0, 1))), bonus[:, None])
         out = jax.lax.dynamic_update_slice(out, emitted, (0, count))
-        # roll back: Mamba states as of position pos + a; KV past it is stale but rewritten before use
-        layers = tuple(jax.tree.map(lambda s: jnp.take(s, a, axis=1), e) if isinstance(e, MambaState) else e
-                       for e in verified.layers)
-        cache = verified._replace(layers=layers, pos=pos + a + 1)
+        # roll back to position pos + a: Mamba states kept by the verify pass, KV past it is rewritten before use
+        cache = _rewind(verified, pos + a + 1, index=a)
         # MTP over the verified positions pos .. pos + a (fixed width k+1; positions past a are rewritten later)
-        mtp_tokens = jnp.where(j[None, :] < a, jnp.pad(drafts, ((0, 0), (0, 1))), bonus[:, None])
-        mtp_out, mtp_cache = model.mtp[0].forward_cached(hidden, model.embeddings(mtp_tokens),
-                                                         mtp_cache._replace(pos=pos), jnp.ones_like(chunk), pos)
-        mtp_cache = mtp_cache._replace(pos=pos + a + 1)
-        new_drafts, mtp_cache_drafted = _draft(model, jnp.take(mtp_out, a, axis=1), bonus, mtp_cache, k)
-        mtp_cache = mtp_cache_drafted._replace(pos=pos + a + 1)
-        return count + a + 1, bonus, new_drafts, cache, mtp_cache, out, iters + 1, accepted + a
+        mtp_out, mtp_cache = mtp(hidden, model.embeddings(emitted), cache=_rewind(mtp_cache, pos), mode=Mode.VERIFY)
+        new_drafts, mtp_cache = _draft(model, jnp.take(mtp_out, a, axis=1), _rewind(mtp_cache, pos + a + 1), k)
+        return (count + a + 1, bonus, new_drafts, cache, _rewind(mtp_cache, pos + a + 1), out, iters + 1,
+                accepted + a)
 
-    carry = (jnp.asarray(1), first, drafts, cache, mtp_cache_drafted._replace(pos=jnp.asarray(p, jnp.int32)), out,
-             jnp.asarray(0), jnp.asarray(0))
+    carry = (jnp.asarray(1), first, drafts, cache, _rewind(mtp_cache, p), out, jnp.asarray(0), jnp.asarray(0))
     _, _, _, _, _, out, iters, accepted = jax.lax.while_loop(cond, body, carry)
     return out[:, :max_new_tokens], iters, accepted
 

@@ -21,7 +21,7 @@ def test_inconsistent_values_raise():
     with pytest.raises(ConfigError, match=r"mamba_num_heads \(6\) must be divisible by n_groups \(4\)"):
         ModelConfig(pattern="M", mamba_num_heads=6, n_groups=4)
     with pytest.raises(ConfigError, match="dt_clamp"):
-        ModelConfig(dt_clamp="sometimes")
+        ModelConfig().replace(dt_clamp="sometimes")
     with pytest.raises(ConfigError, match="relu2"):
         ModelConfig(mlp_hidden_act="gelu")
     with pytest.raises(ConfigError, match="num_experts_per_tok"):
@@ -43,10 +43,10 @@ def test_legacy_hf_keys_are_read():
               "mamba_num_heads": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "use_bias": True,
               "mamba_dt_limit": [0.0, {"__float__": "Infinity"}], "rope_theta": 10000, "expand": 2}
     cfg = ModelConfig.from_hf_dict(legacy)
-    assert (cfg.pattern, cfg.n_groups, cfg.head_dim, cfg.layer_norm_epsilon, cfg.conv_kernel, cfg.chunk_size) == \
-        ("M-*", 2, 16, 1e-6, 3, 64)
+    assert (cfg.pattern, cfg.n_groups, cfg.head_dim, cfg.layer_norm_epsilon, cfg.conv_kernel,
+            cfg.runtime.chunk_size) == ("M-*", 2, 16, 1e-6, 3, 64)
     assert cfg.mamba_proj_bias is True and cfg.time_step_limit == (0.0, float("inf"))
-    assert cfg.dt_clamp == "hf"  # default when loading from HF, so converted models reproduce transformers
+    assert cfg.runtime.dt_clamp == "hf"  # default when loading from HF, so converted models reproduce transformers
 
 
 def test_layers_block_type_list_with_new_and_legacy_names():
@@ -112,7 +112,7 @@ def test_config_is_frozen_and_replace_validates():
         cfg.hidden_size = 3
     with pytest.raises(ConfigError, match="unknown key"):
         cfg.replace(hidden=3)
-    assert cfg.replace(dtype="bfloat16").dtype == "bfloat16"
+    assert cfg.replace(dtype="bfloat16").runtime.dtype == "bfloat16"
 
 
 def test_numbers_written_without_a_dot_are_numbers():
@@ -133,3 +133,14 @@ def test_negative_loss_chunk_is_refused():
     assert load_run_config("configs/tiny.yaml", ("train.loss_chunk_tokens=64",))[1].loss_chunk_tokens == 64
     with pytest.raises(ConfigError, match="train.loss_chunk_tokens must be >= 0, got -1"):
         load_run_config("configs/tiny.yaml", ("train.loss_chunk_tokens=-1",))
+
+
+def test_config_saved_before_the_runtime_section_still_reads(tmp_path):
+    """Checkpoints written before RuntimeOptions had runtime keys beside the architecture and ssd_impl 'xla'."""
+    from nemojax.convert.orbax import CONFIG_FILE, read_config
+
+    cfg = ModelConfig.from_yaml("configs/tiny_moe.yaml").replace(remat="block", dtype="bfloat16")
+    legacy = {**cfg.to_dict(), **cfg.to_dict()["runtime"], "ssd_impl": "xla", "time_step_limit": [0.0, "inf"]}
+    del legacy["runtime"]
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(legacy))
+    assert read_config(str(tmp_path)) == cfg.replace(ssd_impl="chunked")

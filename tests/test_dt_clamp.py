@@ -1,5 +1,6 @@
-"""transformers 5.x floors dt at time_step_min in prefill; NVIDIA's reference (mamba_ssm, vLLM) does not.
-Both behaviours are reachable through ModelConfig.dt_clamp, each checked against transformers itself."""
+"""transformers 5.x floors dt at time_step_min on its chunked path (every forward except a one-token step that
+continues a state); NVIDIA's reference (mamba_ssm, vLLM) never does. Both behaviours are reachable through
+ModelConfig.runtime.dt_clamp, each checked against transformers itself."""
 
 import math
 
@@ -47,3 +48,20 @@ def test_none_setting_matches_transformers_without_its_clamp(small_dt_model):
     assert np.abs(ours - unclamped).max() <= 1e-4 * scale
     # and the flag matters here: the clamped and unclamped forwards really differ
     assert np.abs(clamped - unclamped).max() > 1e-3 * scale
+
+
+def test_one_token_prompt_follows_transformers(small_dt_model):
+    """A one-token forward or prompt has no state to continue, so transformers takes its clamping path: the TRAIN
+    and PREFILL modes clamp whatever the length; only DECODE steps (and speculative VERIFY) do not. At one token
+    the clamp moves the logits by ~2.5e-5 of their scale, so this checks at 2e-6 (fp32 parity is ~5e-7)."""
+    from nemojax.layers.common import Mode
+
+    model, directory, ids = small_dt_model
+    ours, unclamped = load_hf(directory, dt_clamp="hf"), load_hf(directory, dt_clamp="none")
+    one = jnp.asarray(ids[:, :1])
+    ref = hf_logits(model, ids[:, :1])
+    scale = np.abs(ref).max()
+    prefill = ours.logits(ours.forward(one, cache=ours.init_cache(2, 4), mode=Mode.PREFILL)[0])
+    for got in (ours(one), prefill):
+        assert np.abs(np.asarray(got) - ref).max() <= 2e-6 * scale
+    assert np.abs(np.asarray(unclamped(one)) - ref).max() > 1e-5 * scale     # the clamp is visible here

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nemojax.cache import cache_bytes, init_cache
 from nemojax.config import ModelConfig
 from nemojax.generate import generate, left_pad, sample, stream_generate
-from nemojax.model import NemotronH
+from nemojax.layers.common import Mode
+from nemojax.model import NemotronH, abstract_model, cache_bytes
 
 TINY = ModelConfig.from_yaml("configs/tiny.yaml")
 
@@ -61,12 +61,16 @@ def test_incremental_decode_equals_full_forward(pattern):
     model = NemotronH(cfg, nnx.Rngs(0))
     ids = jax.random.randint(jax.random.key(1), (2, 40), 0, cfg.vocab_size)
     full = np.asarray(model(ids))
-    cache = init_cache(cfg, 2, 40)
-    logits, _, cache = model.forward_cached(ids[:, :13], cache, prefill=True)
-    got = [np.asarray(logits)]
-    step = nnx.jit(lambda m, tok, c: m.forward_cached(tok, c))
+    hidden, cache = model.forward(ids[:, :13], cache=model.init_cache(2, 40), mode=Mode.PREFILL)
+    got = [np.asarray(model.logits(hidden))]
+
+    @nnx.jit
+    def step(m, tok, c):
+        hidden, c = m.forward(tok, cache=c, mode=Mode.DECODE)
+        return m.logits(hidden), c
+
     for t in range(13, 40):
-        logits, _, cache = step(model, ids[:, t:t + 1], cache)
+        logits, cache = step(model, ids[:, t:t + 1], cache)
         got.append(np.asarray(logits))
     got = np.concatenate(got, axis=1)
     scale = np.abs(full).max()
@@ -74,13 +78,17 @@ def test_incremental_decode_equals_full_forward(pattern):
 
 
 def test_cache_sizes():
+    def sizes(cfg, max_len):
+        graphdef, state = abstract_model(cfg)
+        return cache_bytes(jax.eval_shape(lambda: nnx.merge(graphdef, state).init_cache(2, max_len)))
+
     cfg = TINY                                   # pattern M-M*-M-: 3 Mamba, 1 attention layer
-    short, long = cache_bytes(init_cache(cfg, 2, 64)), cache_bytes(init_cache(cfg, 2, 4096))
-    assert short["mamba"] == long["mamba"] > 0                       # flat in context length
+    short, long = sizes(cfg, 64), sizes(cfg, 4096)
+    assert short["MambaState"] == long["MambaState"] > 0            # flat in context length
     kv_per_token = 2 * 2 * cfg.num_key_value_heads * cfg.head_dim * 4  # k and v, batch 2, fp32, 1 layer
-    assert long["attention"] - short["attention"] == (4096 - 64) * kv_per_token
-    two_attn = cache_bytes(init_cache(cfg.replace(pattern="M*-M*-"), 2, 4096))
-    assert two_attn["attention"] == 2 * long["attention"] and two_attn["mamba"] == 2 * long["mamba"] // 3
+    assert long["KVCache"] - short["KVCache"] == (4096 - 64) * (kv_per_token + 2)   # + the valid-key flags
+    two_attn = sizes(cfg.replace(pattern="M*-M*-"), 4096)
+    assert two_attn["KVCache"] == 2 * long["KVCache"] and two_attn["MambaState"] == 2 * long["MambaState"] // 3
 
 
 def test_sampling_controls():

@@ -7,6 +7,7 @@ from flax import nnx
 
 from nemojax.config import ModelConfig
 from nemojax.layers.attention import gqa_attention
+from nemojax.layers.common import Mode
 from nemojax.layers.mamba2 import CausalDepthwiseConv, Mamba2Mixer
 from nemojax.layers.norm import GatedGroupRMSNorm, RMSNorm
 from nemojax.model import NemotronH
@@ -56,7 +57,7 @@ def test_norms_match_numpy():
 
 
 def test_causal_conv_matches_numpy_and_carries_prefix():
-    conv = CausalDepthwiseConv(5, 4, True, jnp.float32, nnx.Rngs(0))
+    conv = CausalDepthwiseConv(5, 4, True, jnp.float32, nnx.Rngs(0), "mamba_heads")
     x = np.random.default_rng(2).standard_normal((2, 11, 5)).astype(np.float32)
     w, b = np.asarray(conv.weight[...]), np.asarray(conv.bias[...])
     xp = np.concatenate([np.zeros((2, 3, 5), np.float32), x], 1)
@@ -70,19 +71,30 @@ def test_causal_conv_matches_numpy_and_carries_prefix():
 
 
 def test_mamba_mixer_state_continuation():
-    """A forward split in two, threading MambaState, equals the whole-sequence forward (the basis of decode)."""
+    """A forward split in two, threading MambaState, equals the whole-sequence forward (the basis of decode);
+    so do one-token DECODE steps and the per-position states of a VERIFY pass."""
     mixer = Mamba2Mixer(TINY, nnx.Rngs(3))
     x = jax.random.normal(jax.random.key(4), (2, 50, TINY.hidden_size))
-    full, state = mixer(x, return_state=True)
-    a, s1 = mixer(x[:, :29], return_state=True)
-    b, s2 = mixer(x[:, 29:], state=s1, return_state=True)
+    empty = mixer.init_cache(2, 50, jnp.float32)
+    train, none = mixer(x)
+    assert none is None
+    full, state = mixer(x, cache=empty, mode=Mode.PREFILL)
+    np.testing.assert_allclose(full, train, atol=1e-6)
+    a, s1 = mixer(x[:, :29], cache=empty, mode=Mode.PREFILL)
+    b, s2 = mixer(x[:, 29:], cache=s1, mode=Mode.PREFILL)
     np.testing.assert_allclose(np.concatenate([a, b], 1), full, atol=1e-5)
     np.testing.assert_allclose(s2.ssm, state.ssm, atol=1e-5)
     steps, s = [], s1
     for i in range(29, 50):   # token-by-token
-        y, s = mixer(x[:, i:i + 1], state=s, return_state=True)
+        y, s = mixer(x[:, i:i + 1], cache=s, mode=Mode.DECODE)
         steps.append(y)
     np.testing.assert_allclose(np.concatenate(steps, 1), full[:, 29:], atol=1e-5)
+    verified, states = mixer(x[:, 29:], cache=s1, mode=Mode.VERIFY)
+    np.testing.assert_allclose(verified, full[:, 29:], atol=1e-5)
+    for i in (0, 7, 20):    # rewinding to position 29 + i gives the state after that token
+        kept, (_, s_i) = states.rewind(None, i), mixer(x[:, 29:30 + i], cache=s1, mode=Mode.PREFILL)
+        for got, want in zip(kept, s_i):
+            np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_model_is_causal_and_jits():

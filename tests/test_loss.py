@@ -7,9 +7,9 @@ import pytest
 from flax import nnx
 
 from nemojax import NemotronH
-from nemojax.config import ModelConfig
+from nemojax.config import ModelConfig, RuntimeOptions
 from nemojax.train.linear_ce import linear_cross_entropy
-from nemojax.train.loss import lm_and_mtp_losses, next_token_ce
+from nemojax.train.loss import lm_and_mtp_losses, next_token_ce, output_weight
 
 
 def _np_ce(logits: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> float:
@@ -47,7 +47,7 @@ def test_mtp_and_padding_targets_line_up():
     nor as target. Checked against numpy on the model's own logits."""
     cfg = ModelConfig(vocab_size=37, hidden_size=32, pattern="M*", num_attention_heads=4, num_key_value_heads=2,
                       head_dim=8, intermediate_size=48, mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8,
-                      n_groups=1, chunk_size=4, num_nextn_predict_layers=1, mtp_pattern="*-")
+                      n_groups=1, num_nextn_predict_layers=1, mtp_pattern="*-", runtime=RuntimeOptions(chunk_size=4))
     model = NemotronH(cfg, nnx.Rngs(0))
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 11)).astype(np.int32)
     valid = np.ones_like(tokens)
@@ -114,14 +114,14 @@ def test_model_losses_fuse_only_plain_output_layers():
     from nemojax.quant.recipe import QuantOptions, apply_precision
 
     cfg = ModelConfig(vocab_size=37, hidden_size=32, pattern="M-", mamba_num_heads=4, mamba_head_dim=8,
-                      ssm_state_size=8, n_groups=1, chunk_size=4, intermediate_size=48)
+                      ssm_state_size=8, n_groups=1, intermediate_size=48, runtime=RuntimeOptions(chunk_size=4))
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, 37, (2, 9)), jnp.int32)
     tied = NemotronH(cfg.replace(tie_word_embeddings=True), nnx.Rngs(0))
-    assert tied.output_weight()[1] is True
+    assert output_weight(tied)[1] is True
     model = NemotronH(cfg, nnx.Rngs(0))
-    assert model.output_weight()[1] is False
+    assert output_weight(model)[1] is False
     apply_precision(model, "fp8", QuantOptions(bf16_first=0, bf16_last=0, quantize_lm_head=True))
-    assert model.output_weight() is None
+    assert output_weight(model) is None
     for m in (tied, model):
         unfused = next_token_ce(m(tokens[:, :-1]), tokens)
         np.testing.assert_allclose(float(lm_and_mtp_losses(m, tokens)[0]), float(unfused), rtol=1e-5)
@@ -130,8 +130,9 @@ def test_model_losses_fuse_only_plain_output_layers():
 def test_chunked_model_loss_equals_whole_sequence_loss():
     """chunk_tokens only changes how many logits exist at once: same loss and parameter gradients."""
     cfg = ModelConfig(vocab_size=37, hidden_size=32, pattern="M*", num_attention_heads=4, num_key_value_heads=2,
-                      head_dim=8, mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8, n_groups=1, chunk_size=4,
-                      num_nextn_predict_layers=1, mtp_pattern="*-", intermediate_size=48)
+                      head_dim=8, mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8, n_groups=1,
+                      num_nextn_predict_layers=1, mtp_pattern="*-", intermediate_size=48,
+                      runtime=RuntimeOptions(chunk_size=4))
     model = NemotronH(cfg, nnx.Rngs(2))
     tokens = jnp.asarray(np.random.default_rng(2).integers(0, 37, (2, 12)), jnp.int32)
 

@@ -8,8 +8,9 @@ import pytest
 from flax import nnx
 
 from nemojax.config import ModelConfig
-from nemojax.layers.moe import MoE, experts_dense, route, update_expert_bias
+from nemojax.layers.moe import MoE, experts_dense, route
 from nemojax.model import NemotronH
+from nemojax.train.loss import moe_aux_loss, update_expert_bias
 
 MOE_CFG = ModelConfig(vocab_size=64, hidden_size=32, pattern="E", n_routed_experts=8, num_experts_per_tok=3,
                       moe_intermediate_size=16, moe_shared_expert_intermediate_size=24, routed_scaling_factor=2.5,
@@ -29,7 +30,7 @@ def test_sparse_paths_equal_dense_reference_with_gradients(latent):
     x = jax.random.normal(jax.random.key(2), (3, 7, cfg.hidden_size))
 
     def loss(module, x, impl):
-        out = module(x, impl=impl)
+        out, _ = module(x, impl=impl)
         return jnp.sum(out * jnp.sin(jnp.arange(out.size).reshape(out.shape)))
 
     grad_fn = nnx.value_and_grad(loss, argnums=(0, 1))
@@ -59,8 +60,8 @@ def test_capacity_drops_exactly_the_overflow():
             keep[t, j] = seen[e] <= cap
     assert not keep.all()   # the test must actually drop something
     kept = r._replace(weights=jnp.where(keep, r.weights, 0.0))
-    expected = experts_dense(flat, moe.up_proj[...], moe.down_proj[...], kept) + moe.shared_experts(flat)
-    np.testing.assert_allclose(moe(x, impl="capacity").reshape(-1, cfg.hidden_size), expected, atol=1e-5)
+    expected = experts_dense(flat, moe.up_proj[...], moe.down_proj[...], kept) + moe.shared_experts.ffn(flat)
+    np.testing.assert_allclose(moe(x, impl="capacity")[0].reshape(-1, cfg.hidden_size), expected, atol=1e-5)
 
 
 def test_group_limited_routing_only_picks_from_top_groups():
@@ -93,6 +94,7 @@ def test_router_load_and_bias_balancing():
     np.testing.assert_allclose(load.sum(), 1.0, rtol=1e-6)
     spread_before = load.max() - load.min()
     assert float(moe.aux_loss[...]) > 0
+    np.testing.assert_allclose(moe_aux_loss(model), moe.aux_loss[...] + model.layers[1].mixer.aux_loss[...])
     history = []
     for _ in range(80):   # sign updates move each bias by `rate`; the initial spread is 1.4
         update_expert_bias(model, rate=0.03)

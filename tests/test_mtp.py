@@ -6,14 +6,15 @@ import numpy as np
 import optax
 from flax import nnx
 
-from nemojax.config import ModelConfig
+from nemojax.config import ModelConfig, RuntimeOptions
 from nemojax.model import NemotronH
 from nemojax.train.loss import lm_and_mtp_losses
 
 CFG = ModelConfig(vocab_size=32, hidden_size=32, pattern="M*E", num_attention_heads=4, num_key_value_heads=2,
-                  head_dim=8, mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8, n_groups=2, chunk_size=8,
+                  head_dim=8, mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8, n_groups=2,
                   n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
-                  moe_shared_expert_intermediate_size=16, num_nextn_predict_layers=1, mtp_pattern="*E")
+                  moe_shared_expert_intermediate_size=16, num_nextn_predict_layers=1, mtp_pattern="*E",
+                  runtime=RuntimeOptions(chunk_size=8))
 
 
 def np_rms(x, w, eps=1e-5):
@@ -26,7 +27,7 @@ def test_mtp_input_uses_next_embedding_and_current_hidden():
     _, (mtp_logits,) = model.forward_with_mtp(ids, depth=1)
     assert mtp_logits.shape == (2, 11, CFG.vocab_size)
     # hand-written MTP input for positions 0..9: [enorm(E[t_{i+1}]), hnorm(h_i)] @ eh_proj
-    h = np.asarray(model.hidden_states(ids))
+    h = np.asarray(model.forward(ids)[0])
     table = np.asarray(model.embeddings.embedding[...])
     blk = model.mtp[0]
     e_next = np_rms(table[np.asarray(ids)[:, 1:]], np.asarray(blk.enorm.weight[...]))
@@ -34,7 +35,7 @@ def test_mtp_input_uses_next_embedding_and_current_hidden():
     x = np.concatenate([e_next, h_cur], -1) @ np.asarray(blk.eh_proj.kernel[...])
     x = jnp.asarray(x)
     for block in blk.layers:
-        x = block(x)
+        x, _ = block(x)
     ref = np.asarray(model.logits(blk.final_layernorm(x)))
     np.testing.assert_allclose(np.asarray(mtp_logits)[:, :-1], ref, atol=1e-4)
 

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from nemojax.config import ConfigError, ModelConfig
-from nemojax.layers.common import is_plain_dot
+from nemojax.layers.common import linear_dot
 from nemojax.model import NemotronH
 from nemojax.quant import QuantOptions, apply_precision, fp8, nvfp4
 from nemojax.quant.aqt import aqt_matmul
@@ -167,11 +167,12 @@ def test_precision_selection_per_recipe():
     assert precision_of(model) == {0: "high", **{i: "nvfp4" for i in range(1, 7)}}
     apply_precision(model, "aqt_int4")
     assert set(precision_of(model).values()) == {"aqt"}
-    assert is_plain_dot(model.lm_head.dot_general)      # the output layer stays high precision
+    assert model.lm_head.dot_general is linear_dot      # the output layer stays high precision
     apply_precision(model, "fp8", QuantOptions(quantize_lm_head=True))
     assert model.lm_head.dot_general.kind == "fp8"
     apply_precision(model, "bf16")
     assert set(precision_of(model).values()) == {"high"}
+    assert all(lin.dot_general is linear_dot for _, lin in nnx.iter_graph(model) if isinstance(lin, nnx.Linear))
     with pytest.raises(ConfigError, match="precision must be one of"):
         apply_precision(model, "int3")
     with pytest.raises(ConfigError, match="aqt_bits"):

@@ -13,9 +13,10 @@ from train_helpers import make as make_small
 
 from nemojax.config import ConfigError
 from nemojax.convert.auto import load_model
+from nemojax.convert.orbax import save_packed
 from nemojax.generate import generate
 from nemojax.quant import apply_precision
-from nemojax.quant.pack import PackSpec, fake_quantize_weights, pack_model, save_packed, weight_bytes
+from nemojax.quant.pack import PackSpec, fake_quantize_weights, pack_model, weight_bytes
 from nemojax.quant.recipe import QuantDot
 from nemojax.train.trainer import eval_loss
 

@@ -5,10 +5,86 @@ import os
 import subprocess
 import sys
 
+import jax.numpy as jnp
+import numpy as np
+import optax
 import pytest
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from nemojax.sharding import MeshConfig, fit_spec, logical_spec, mesh_shape
+from nemojax.config import ModelConfig
+from nemojax.model import NemotronH
+from nemojax.quant.pack import PackSpec, pack_model
+from nemojax.sharding import RULES, MeshConfig, logical_to_spec, make_mesh, mesh_shape, shard_model, variable_spec
+
+TINY = ModelConfig.from_yaml("configs/tiny.yaml")
+TINY_MOE = ModelConfig.from_yaml("configs/tiny_moe.yaml")
+CONFIG_KINDS = {   # every kind of parameter: dense (with every bias and stability norm), MoE + MTP, LatentMoE
+    "dense": TINY.replace(mamba_proj_bias=True, mlp_bias=True, attn_qk_norm=True, tie_word_embeddings=True),
+    "dense_qkv_norm_mtp": TINY.replace(attn_qkv_norm=True, num_nextn_predict_layers=2, mtp_pattern="*-"),
+    "moe_mtp": TINY_MOE,
+    "latent_moe": TINY_MOE.replace(moe_latent_size=48, mlp_bias=True),
+}
+MESH = {"data": 2, "fsdp": 2, "tensor": 2, "expert": 2}
+
+
+def check_variables(obj, mesh_axes) -> int:
+    """Every variable of obj declares one known logical axis per dimension and maps to a valid spec."""
+    count = 0
+    for path, var in nnx.state(obj).flat_state():
+        value, axes = var.get_value(), var.get_metadata().get("logical_axes")
+        name = ".".join(map(str, path))
+        if axes is None:                            # only scalars (optimizer counters) may have none
+            assert value.ndim == 0, name
+            continue
+        assert len(axes) == value.ndim, (name, axes, value.shape)
+        assert all(a is None or a in RULES for a in axes), (name, axes)
+        spec = variable_spec(path, var, mesh_axes)   # raises on a mesh axis used twice
+        for dim, entry in zip(value.shape, spec):
+            size = 1 if entry is None else np.prod([mesh_axes[a] for a in ((entry,) if isinstance(entry, str)
+                                                                             else entry)])
+            assert dim % size == 0, (name, spec)
+        count += 1
+    return count
+
+
+@pytest.mark.parametrize("kind", CONFIG_KINDS)
+def test_every_variable_declares_logical_axes(kind):
+    cfg = CONFIG_KINDS[kind]
+    model = nnx.eval_shape(lambda: NemotronH(cfg, nnx.Rngs(0)))
+    assert check_variables(model, MESH) == len(nnx.state(model).flat_state())
+    opt = nnx.eval_shape(lambda: nnx.Optimizer(NemotronH(cfg, nnx.Rngs(0)), optax.adamw(1e-3), wrt=nnx.Param))
+    assert check_variables(opt, MESH) == 2 * len(nnx.state(model, nnx.Param).flat_state())   # Adam mu and nu
+    packed = NemotronH(cfg.replace(vocab_size=64, hidden_size=64), nnx.Rngs(0))
+    pack_model(packed, PackSpec("int4", group=32))
+    check_variables(packed, MESH)
+
+
+def test_published_latent_moe_config_shards_on_a_pod_mesh():
+    cfg = ModelConfig.from_yaml("configs/nemotron3_super_120b_a12b.yaml")
+    model = nnx.eval_shape(lambda: NemotronH(cfg, nnx.Rngs(0)))
+    check_variables(model, {"data": 1, "fsdp": 16, "tensor": 4, "expert": 8})
+    up = model.layers[1].mixer.up_proj
+    assert variable_spec((), up, {"fsdp": 16, "tensor": 4, "expert": 8}) == P("expert", "fsdp", "tensor")
+
+
+def test_specs_follow_the_rules_and_refuse_undeclared_parameters():
+    assert logical_to_spec(("embed", "mamba_heads"), (64, 128), MESH) == P("fsdp", "tensor")
+    assert logical_to_spec(("mamba_heads", "embed"), (128, 64), MESH) == P("tensor", "fsdp")
+    assert logical_to_spec(("norm",), (64,), MESH) == P(None)
+    assert logical_to_spec(("batch", "seq", "vocab"), (8, 4, 64), MESH) == P(("data", "fsdp"), None, "tensor")
+    assert logical_to_spec(("embed", "heads"), (64, 6), {"fsdp": 2, "tensor": 4}) == P("fsdp", None)  # 6 % 4
+    with pytest.raises(ValueError, match="two dimensions"):
+        logical_to_spec(("embed", "embed"), (64, 64), MESH)
+    with pytest.raises(ValueError, match="no entry in sharding.RULES"):
+        logical_to_spec(("embedd",), (64,), MESH)
+
+    class Undeclared(nnx.Module):
+        def __init__(self):
+            self.w = nnx.Param(jnp.zeros((4, 4)))
+
+    with pytest.raises(ValueError, match="w .4, 4. declares no logical axes"):
+        shard_model(Undeclared(), make_mesh())
 
 
 def test_mesh_shape_fills_and_validates():
@@ -17,19 +93,6 @@ def test_mesh_shape_fills_and_validates():
         mesh_shape(MeshConfig(data=-1, fsdp=3), 8)
     with pytest.raises(ValueError, match="at most one"):
         mesh_shape(MeshConfig(data=-1, fsdp=-1), 8)
-
-
-def test_specs_by_parameter_name():
-    assert logical_spec(("layers", 0, "mixer", "in_proj_x", "kernel"), (64, 128)) == ("fsdp", "tensor")
-    assert logical_spec(("layers", 0, "mixer", "out_proj", "kernel"), (128, 64)) == ("tensor", "fsdp")
-    assert logical_spec(("layers", 0, "mixer", "A_log"), (8,)) == ("tensor",)
-    assert logical_spec(("layers", 0, "mixer", "conv_x", "weight"), (4, 128)) == (None, "tensor")
-    assert logical_spec(("layers", 0, "norm", "weight"), (64,)) == (None,)
-    assert logical_spec(("layers", 1, "mixer", "up_proj"), (8, 64, 32)) == ("expert", "fsdp", "tensor")
-
-    class FakeMesh:
-        shape = {"fsdp": 2, "tensor": 4}
-    assert fit_spec(("fsdp", "tensor"), (64, 6), FakeMesh()) == P("fsdp", None)   # 6 % 4 != 0: replicate
 
 
 @pytest.mark.slow

@@ -1,7 +1,6 @@
 """Training-stability attention options (QK-norm, QKV-norm, softmax capping) against a numpy reference, their
 cached decode, that HF export refuses them, and remat policies (identical gradients)."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -9,9 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nemojax.cache import init_cache
 from nemojax.config import ConfigError, ModelConfig
 from nemojax.layers.attention import Attention
+from nemojax.layers.common import Mode
 from nemojax.model import NemotronH
 from nemojax.train.loss import lm_and_mtp_losses
 
@@ -57,11 +56,11 @@ def test_attention_options_match_numpy(options):
         if norm is not None:
             norm.weight[...] = jax.random.uniform(jax.random.key(3), norm.weight.shape, minval=0.5, maxval=1.5)
     x = np.asarray(jax.random.normal(jax.random.key(1), (2, 9, cfg.hidden_size))) * 3   # large scores: cap bites
-    got = np.asarray(layer(jnp.asarray(x)))
+    got = np.asarray(layer(jnp.asarray(x))[0])
     want = attention_reference(layer, x, cfg)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     if options.get("attn_softcap"):                                 # the cap changes the result
-        plain = attention_reference(layer, x, dataclasses.replace(cfg, attn_softcap=0.0))
+        plain = attention_reference(layer, x, cfg.replace(attn_softcap=0.0))
         assert np.abs(plain - want).max() > 1e-3 * np.abs(want).max()
 
 
@@ -72,11 +71,11 @@ def test_qkv_norm_removes_the_attention_pre_norm_and_decode_matches():
     assert model.layers[1].mixer.v_norm is not None
     ids = jax.random.randint(jax.random.key(1), (2, 24), 0, cfg.vocab_size)
     full = np.asarray(model(ids))
-    logits, _, cache = model.forward_cached(ids[:, :10], init_cache(cfg, 2, 24), prefill=True)
-    got = [np.asarray(logits)]
+    hidden, cache = model.forward(ids[:, :10], cache=model.init_cache(2, 24), mode=Mode.PREFILL)
+    got = [np.asarray(model.logits(hidden))]
     for t in range(10, 24):
-        logits, _, cache = model.forward_cached(ids[:, t:t + 1], cache)
-        got.append(np.asarray(logits))
+        hidden, cache = model.forward(ids[:, t:t + 1], cache=cache, mode=Mode.DECODE)
+        got.append(np.asarray(model.logits(hidden)))
     np.testing.assert_allclose(np.concatenate(got, 1), full, atol=1e-4 * np.abs(full).max())
 
 

@@ -10,8 +10,7 @@ def load_model(path: str, dtype: Optional[str] = None):
     """An HF checkpoint directory (config.json + safetensors), a nemojax Orbax directory or a packed 4-bit
     directory (`nemojax pack`) -> NemotronH."""
     from nemojax.convert.hf import load_hf
-    from nemojax.convert.orbax import CONFIG_FILE, load_orbax
-    from nemojax.quant.pack import PACK_FILE, load_packed
+    from nemojax.convert.orbax import CONFIG_FILE, PACK_FILE, load_orbax, load_packed
 
     if os.path.isfile(os.path.join(path, PACK_FILE)):
         if dtype is not None:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nemojax.config import ModelConfig
+from nemojax.config import LAYER_KINDS, ModelConfig
 from nemojax.model import PERSISTENT, NemotronH, abstract_model, materialize
 
 logger = logging.getLogger(__name__)
@@ -111,26 +111,20 @@ def _mlp_layout(cfg: ModelConfig, pre: str, ours: tuple, width: int, d: int) -> 
     return out
 
 
+def _attention_layout(cfg: ModelConfig, pre: str, mix: tuple) -> list[HFTensor]:
+    d, hd = cfg.hidden_size, cfg.head_dim
+    out = [_whole(f"{pre}{proj}.weight", (rows * hd, d), mix + (proj, "kernel"), "linear") for proj, rows in
+           (("q_proj", cfg.num_attention_heads), ("k_proj", cfg.num_key_value_heads),
+            ("v_proj", cfg.num_key_value_heads))]
+    return out + [_whole(pre + "o_proj.weight", (d, cfg.num_attention_heads * hd), mix + ("o_proj", "kernel"),
+                         "linear")]
+
+
 def _block_layout(cfg: ModelConfig, ch: str, pre: str, ours: tuple) -> list[HFTensor]:
-    d = cfg.hidden_size
-    mix = ours + ("mixer",)
-    out = [_whole(pre + "norm.weight", (d,), ours + ("norm", "weight"), "copy")]
-    if ch == "M":
-        out += _mamba_layout(cfg, pre + "mixer.", mix)
-    elif ch == "*":
-        hd = cfg.head_dim
-        for proj, rows in (("q_proj", cfg.num_attention_heads * hd), ("k_proj", cfg.num_key_value_heads * hd),
-                           ("v_proj", cfg.num_key_value_heads * hd)):
-            out.append(_whole(f"{pre}mixer.{proj}.weight", (rows, d), mix + (proj, "kernel"), "linear"))
-        out.append(_whole(pre + "mixer.o_proj.weight", (d, cfg.num_attention_heads * hd), mix + ("o_proj", "kernel"),
-                          "linear"))
-    elif ch == "-":
-        out += _mlp_layout(cfg, pre + "mixer.", mix, cfg.intermediate_size, d)
-    elif ch == "E":
-        out += _moe_layout(cfg, pre + "mixer.", mix)
-    else:
-        raise ValueError(f"unknown layer character {ch!r}")
-    return out
+    if ch not in MIXER_LAYOUTS:
+        raise CheckpointError(f"layer kind {LAYER_KINDS[ch].name!r} ({ch!r}) has no HF checkpoint layout")
+    norm = _whole(pre + "norm.weight", (cfg.hidden_size,), ours + ("norm", "weight"), "copy")
+    return [norm] + MIXER_LAYOUTS[ch](cfg, pre + "mixer.", ours + ("mixer",))
 
 
 def _moe_layout(cfg: ModelConfig, pre: str, mix: tuple) -> list[HFTensor]:
@@ -175,6 +169,15 @@ def _mamba_layout(cfg: ModelConfig, pre: str, mix: tuple) -> list[HFTensor]:
     out.append(_whole(pre + "norm.weight", (inner,), mix + ("norm", "weight"), "copy"))
     out.append(_whole(pre + "out_proj.weight", (d, inner), mix + ("out_proj", "kernel"), "linear"))
     return out
+
+
+# The HF tensors of each layer kind's mixer (config.LAYER_KINDS), under prefix `pre`, at our path `mix`.
+MIXER_LAYOUTS = {
+    "M": _mamba_layout,
+    "*": _attention_layout,
+    "-": lambda cfg, pre, mix: _mlp_layout(cfg, pre, mix, cfg.intermediate_size, cfg.hidden_size),
+    "E": _moe_layout,
+}
 
 
 def _to_ours(hf: np.ndarray, piece: Piece) -> np.ndarray:

@@ -4,10 +4,13 @@ Layout of DIR:
     DIR/nemojax_config.json   ModelConfig.to_dict() (architecture + dtypes)
     DIR/params/               Orbax StandardCheckpointer tree of the parameters (nested dict of arrays)
     DIR/tokenizer*.json ...   tokenizer files copied from the source checkpoint, when present
+    DIR/nemojax_pack.json     the PackSpec, for a 4-bit packed model (`nemojax pack`; params/ then holds the
+                              packed weights)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -17,8 +20,10 @@ from flax import nnx
 
 from nemojax.config import ModelConfig
 from nemojax.model import PERSISTENT, NemotronH, abstract_model, materialize
+from nemojax.quant.pack import PackedWeight, PackSpec, pack_model
 
 CONFIG_FILE = "nemojax_config.json"
+PACK_FILE = "nemojax_pack.json"
 PARAMS_DIR = "params"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
@@ -50,6 +55,8 @@ def read_config(directory: str) -> ModelConfig:
     with open(cfg_file) as f:
         raw = json.load(f)
     raw["time_step_limit"] = tuple(float(v) for v in raw["time_step_limit"])
+    if raw.get("ssd_impl") == "xla":          # saved before runtime options had their own section
+        raw["ssd_impl"] = "chunked"
     return ModelConfig.from_dict(raw, what=cfg_file)
 
 
@@ -69,9 +76,35 @@ def load_orbax(directory: str, dtype: Optional[str] = None) -> NemotronH:
     graphdef, abstract_state = abstract_model(cfg)
     target = nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, abstract_state), PERSISTENT))
     model = materialize(graphdef, abstract_state, restore_params(directory, target))
-    if dtype is not None and dtype != cfg.param_dtype:
+    if dtype is not None and dtype != cfg.runtime.param_dtype:
         model = cast_model(model, dtype)
     return model
+
+
+def save_packed(model: NemotronH, directory: str, spec: PackSpec, force: bool = False) -> None:
+    """Orbax directory with the packed weights, the model config and the pack spec (load_packed reads it)."""
+    save_orbax(model, directory, force=force, variables=(*PERSISTENT, PackedWeight))
+    with open(os.path.join(os.path.abspath(directory), PACK_FILE), "w") as f:
+        json.dump(dataclasses.asdict(spec), f, indent=2)
+
+
+def load_packed(directory: str) -> NemotronH:
+    """Restores a model written by save_packed (no full-precision weights are materialised)."""
+    directory = os.path.abspath(directory)
+    if not os.path.isfile(os.path.join(directory, PACK_FILE)):
+        raise FileNotFoundError(f"{directory} is not a packed nemojax model: no {PACK_FILE}")
+    cfg = read_config(directory)
+    with open(os.path.join(directory, PACK_FILE)) as f:
+        spec = PackSpec(**json.load(f))
+
+    def build():
+        model = NemotronH(cfg, nnx.Rngs(0))
+        pack_model(model, spec)
+        return model
+
+    graphdef, state = nnx.split(nnx.eval_shape(build))
+    target = nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, state), (*PERSISTENT, PackedWeight)))
+    return materialize(graphdef, state, restore_params(directory, target))
 
 
 def cast_model(model: NemotronH, dtype: str) -> NemotronH:

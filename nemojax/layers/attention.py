@@ -2,20 +2,35 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from nemojax.config import ModelConfig
-from nemojax.layers.common import dtypes, linear, output_init_std
+from nemojax.layers.common import Mode, linear, output_init_std
 from nemojax.layers.norm import RMSNorm
 
 F32 = jnp.float32
-
-
 QUERY_BLOCK = 256
+
+
+class KVCache(NamedTuple):
+    """Inference cache of one attention layer: k, v [batch, kv_heads, max_len, head_dim] (head-major, so a decode
+    step reads them without transposing), key_valid [batch, max_len] (written, non-padding positions) and pos,
+    the number of positions written."""
+    k: jax.Array
+    v: jax.Array
+    key_valid: jax.Array
+    pos: jax.Array
+
+    AXES = {"k": ("batch", "kv_heads", "cache_seq", None), "v": ("batch", "kv_heads", "cache_seq", None),
+            "key_valid": ("batch", "cache_seq"), "pos": ()}
+
+    def rewind(self, pos, index=None) -> "KVCache":
+        """Back to `pos` written positions; entries past it are rewritten before they are read again."""
+        return self._replace(pos=jnp.asarray(pos, jnp.int32))
 
 
 def cap(scores: jax.Array, softcap: float) -> jax.Array:
@@ -34,8 +49,7 @@ def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: Optional[j
     in q's dtype. K/V heads are never repeated: queries are viewed as [kv_heads, heads_per_kv].
 
     With default positions, queries are processed in blocks of `query_block` that only see the keys up to
-    the block's end: this skips the masked upper triangle and keeps the fp32 score block in cache (6x faster
-    than one [heads, T, T] score tensor at T=4096 on CPU).
+    the block's end: this skips the masked upper triangle and keeps the fp32 score block in cache.
 
     kv_heads_first: k, v are given as [batch, kv_heads, kv_len, head_dim] (the KV cache layout), which avoids
     transposing the whole cache at every decode step. softcap > 0 caps scores at c * tanh(scores / c).
@@ -86,8 +100,8 @@ def decode_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, cache_k: 
 
     q [b, 1, heads, hd]; k_new, v_new [b, 1, kv_heads, hd]; cache_k/v [b, kv_heads, max_len, hd] *before* this
     token is written; key_valid [b, max_len]. The new key is scored as an extra column instead of reading the
-    cache after writing it: reading the updated cache in the same step made XLA copy the whole cache every
-    decode step (3.6 ms vs 0.6 ms per layer at 8K context on CPU).
+    cache after writing it, which made XLA copy the whole cache every decode step (docs/architecture.md,
+    "Inference cache").
     """
     b, _, h, hd = q.shape
     kvh, s = cache_k.shape[1], cache_k.shape[2]
@@ -104,7 +118,8 @@ def decode_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, cache_k: 
 
 
 class Attention(nnx.Module):
-    """x [batch, seq, hidden] -> [batch, seq, hidden]; q_proj [hidden, heads*hd], k/v_proj [hidden, kv*hd].
+    """x [batch, seq, hidden] -> [batch, seq, hidden] with the mixer interface of layers/common.py;
+    q_proj [hidden, heads*hd], k/v_proj [hidden, kv*hd].
 
     Optional stability options (off for every published model): attn_qk_norm / attn_qkv_norm add per-head
     RMSNorms (weights [head_dim]) on Q, K (and V) after the projection; attn_softcap caps the scores.
@@ -113,18 +128,22 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
-        self.head_dim = cfg.head_dim
-        d, hd = cfg.hidden_size, cfg.head_dim
-        self.q_proj = linear(cfg, d, self.num_heads * hd, rngs)
-        self.k_proj = linear(cfg, d, self.num_kv_heads * hd, rngs)
-        self.v_proj = linear(cfg, d, self.num_kv_heads * hd, rngs)
-        self.o_proj = linear(cfg, self.num_heads * hd, d, rngs, std=output_init_std(cfg))
+        self.head_dim = hd = cfg.head_dim
+        d = cfg.hidden_size
+        self.q_proj = linear(cfg, d, self.num_heads * hd, rngs, ("embed", "heads"))
+        self.k_proj = linear(cfg, d, self.num_kv_heads * hd, rngs, ("embed", "kv_heads"))
+        self.v_proj = linear(cfg, d, self.num_kv_heads * hd, rngs, ("embed", "kv_heads"))
+        self.o_proj = linear(cfg, self.num_heads * hd, d, rngs, ("heads", "embed"), std=output_init_std(cfg))
         self.softcap = cfg.attn_softcap
-        param = dtypes(cfg)[1]
-        qk = cfg.attn_qk_norm or cfg.attn_qkv_norm
-        self.q_norm = RMSNorm(hd, cfg.layer_norm_epsilon, param) if qk else None
-        self.k_norm = RMSNorm(hd, cfg.layer_norm_epsilon, param) if qk else None
-        self.v_norm = RMSNorm(hd, cfg.layer_norm_epsilon, param) if cfg.attn_qkv_norm else None
+        qk, eps, pd = cfg.attn_qk_norm or cfg.attn_qkv_norm, cfg.layer_norm_epsilon, cfg.param_dtype
+        self.q_norm = RMSNorm(hd, eps, pd, "head_dim") if qk else None
+        self.k_norm = RMSNorm(hd, eps, pd, "head_dim") if qk else None
+        self.v_norm = RMSNorm(hd, eps, pd, "head_dim") if cfg.attn_qkv_norm else None
+
+    def init_cache(self, batch: int, max_len: int, dtype) -> KVCache:
+        shape = (batch, self.num_kv_heads, max_len, self.head_dim)
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_len), bool),
+                       jnp.zeros((), jnp.int32))
 
     def project_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         b, t, _ = x.shape
@@ -137,35 +156,34 @@ class Attention(nnx.Module):
             v = self.v_norm(v).astype(v.dtype)
         return q, k, v
 
-    def __call__(self, x: jax.Array, attention_mask: Optional[jax.Array] = None, cache=None, pos=None,
-                 key_valid: Optional[jax.Array] = None):
-        """Without cache: causal self-attention over x. With cache (KVCache) the t new tokens are written at
-        positions [pos, pos + t) and attend to every valid cached position up to their own; key_valid
-        [batch, max_len] already includes the new tokens. pos given as a Python int 0 (prefill) takes the
-        blocked path over the new keys only. Returns out, or (out, new cache) when a cache is given."""
+    def __call__(self, x: jax.Array, *, mask: Optional[jax.Array] = None, cache: Optional[KVCache] = None,
+                 mode: Mode = Mode.TRAIN) -> tuple[jax.Array, Optional[KVCache]]:
+        """mask [batch, seq] (1 = real token) masks padded keys. With a cache the t new tokens are written at
+        positions [pos, pos + t) (PREFILL: pos = 0, the cache must be empty) and attend to every valid cached
+        position up to their own."""
         b, t, _ = x.shape
         q, k, v = self.project_qkv(x)
-        if cache is None:
-            out = gqa_attention(q, k, v, key_mask=attention_mask, softcap=self.softcap)
-            return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
-        # the cache is head-major [batch, kv_heads, max_len, head_dim]
-        def write(k, v):
-            k_all = jax.lax.dynamic_update_slice(cache.k, k.transpose(0, 2, 1, 3).astype(cache.k.dtype), (0, 0, pos, 0))
-            v_all = jax.lax.dynamic_update_slice(cache.v, v.transpose(0, 2, 1, 3).astype(cache.v.dtype), (0, 0, pos, 0))
-            return k_all, v_all
-
-        if t == 1:                                            # decode: reads the cache as it was before the write
+        if mode is Mode.TRAIN:
+            out = gqa_attention(q, k, v, key_mask=mask, softcap=self.softcap)
+            return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), None
+        pos = 0 if mode is Mode.PREFILL else cache.pos           # a Python 0 keeps the prefill slices static
+        new_valid = jnp.ones((b, t), bool) if mask is None else mask.astype(bool)
+        key_valid = jax.lax.dynamic_update_slice(cache.key_valid, new_valid, (0, pos))
+        if mode is Mode.DECODE:                                  # reads the cache as it was before the write
+            if t != 1:
+                raise ValueError(f"DECODE takes one token per row, got {t}")
             out = decode_attention(q, k, v, cache.k, cache.v, key_valid, pos, softcap=self.softcap)
             # A data dependency of the written values on the attention output orders the cache read before the
             # in-place write; without it XLA cannot prove the order inside a decode loop and copies both caches
-            # every step (0.6 ms per layer at 8K context on CPU). Adding 0 * a finite value changes nothing.
+            # every step. Adding 0 * a finite value changes nothing.
             after_read = 0 * out[:, :, :1, :1]
-            k_all, v_all = write(k + after_read.astype(k.dtype), v + after_read.astype(v.dtype))
-            return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), type(cache)(k_all, v_all)
-        k_all, v_all = write(k, v)
-        if isinstance(pos, int) and pos == 0:               # prefill: blocked attention over the new keys
-            out = gqa_attention(q, k, v, key_mask=key_valid[:, :t], softcap=self.softcap)
-        else:                                                 # a chunk continuing a cache (speculative verify)
+            k, v = k + after_read.astype(k.dtype), v + after_read.astype(v.dtype)
+        k_all, v_all = (jax.lax.dynamic_update_slice(c, new.transpose(0, 2, 1, 3).astype(c.dtype), (0, 0, pos, 0))
+                        for c, new in ((cache.k, k), (cache.v, v)))
+        if mode is Mode.PREFILL:                                 # blocked attention over the new keys
+            out = gqa_attention(q, k, v, key_mask=new_valid, softcap=self.softcap)
+        elif mode is Mode.VERIFY:                                # new tokens continuing the cache
             out = gqa_attention(q, k_all, v_all, key_mask=key_valid, q_positions=pos + jnp.arange(t),
                                 kv_heads_first=True, softcap=self.softcap)
-        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), type(cache)(k_all, v_all)
+        out = self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+        return out, KVCache(k_all, v_all, key_valid, jnp.asarray(pos + t, jnp.int32))

@@ -1,70 +1,71 @@
-"""Pre-norm residual block h + mixer(RMSNorm(h)) with the mixer chosen by the pattern character."""
+"""Pre-norm residual block h + mixer(RMSNorm(h)), the mixer built from the pattern-character table
+(config.LAYER_KINDS), and the one loop that runs a stack of blocks (the model's and the MTP head's)."""
 
 from __future__ import annotations
 
-from typing import Optional
+import importlib
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nemojax.config import ModelConfig
-from nemojax.layers.attention import Attention
-from nemojax.layers.common import dtypes
-from nemojax.layers.mamba2 import Mamba2Mixer
-from nemojax.layers.mlp import MLP
-from nemojax.layers.moe import MoE
+from nemojax.config import LAYER_KINDS, ModelConfig
+from nemojax.layers.common import Mode
 from nemojax.layers.norm import RMSNorm
+from nemojax.sharding import constrain
+
+RESIDUAL = ("batch", "seq", "act_embed")       # logical axes of the residual stream (sharding.RULES)
 
 
 def make_mixer(char: str, cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
-    if char == "M":
-        return Mamba2Mixer(cfg, rngs)
-    if char == "*":
-        return Attention(cfg, rngs)
-    if char == "-":
-        return MLP(cfg, rngs)
-    if char == "E":
-        return MoE(cfg, rngs)
-    raise ValueError(f"unknown layer character {char!r}")
+    module, cls = LAYER_KINDS[char].mixer.split(":")
+    return getattr(importlib.import_module(module), cls)(cfg, rngs)
 
 
 class Block(nnx.Module):
-    """h [batch, seq, hidden] -> h + mixer(RMSNorm(h))."""
+    """h [batch, seq, hidden] -> h + mixer(RMSNorm(h)), in a profile scope named after the layer (`scope`)."""
 
-    def __init__(self, char: str, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, char: str, cfg: ModelConfig, rngs: nnx.Rngs, scope: str = "block"):
         self.kind = char
+        self.scope = f"{scope}_{LAYER_KINDS[char].name}"
         # QKV_norm (a stability option) moves the attention block's normalisation after the projections
         skip_norm = char == "*" and cfg.attn_qkv_norm
-        self.norm = None if skip_norm else RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon, dtypes(cfg)[1])
+        self.norm = None if skip_norm else RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon, cfg.param_dtype)
         self.mixer = make_mixer(char, cfg, rngs)
-        self.compute_dtype = dtypes(cfg)[0]
+        self.compute_dtype = cfg.compute_dtype
         # HF keeps the residual stream in the activation dtype; residual_in_fp32 (NVIDIA's option) keeps fp32.
         self.residual_dtype = jnp.float32 if cfg.residual_in_fp32 else self.compute_dtype
 
-    def normed(self, h: jax.Array) -> jax.Array:
-        x = h.astype(self.compute_dtype)
-        return x if self.norm is None else self.norm(x)
+    def init_cache(self, batch: int, max_len: int, dtype):
+        return self.mixer.init_cache(batch, max_len, dtype)
 
-    def __call__(self, h: jax.Array, attention_mask: Optional[jax.Array] = None) -> jax.Array:
-        x = self.normed(h)
-        if self.kind in "M*":
-            y = self.mixer(x, attention_mask=attention_mask)
-        else:
-            y = self.mixer(x)
-        return h.astype(self.residual_dtype) + y.astype(self.residual_dtype)
+    def __call__(self, h: jax.Array, *, mask: Optional[jax.Array] = None, cache=None, mode: Mode = Mode.TRAIN):
+        """Returns (h', the mixer's new cache); the mixer gets the same arguments whatever its kind."""
+        with jax.named_scope(self.scope):
+            x = h.astype(self.compute_dtype)
+            y, cache = self.mixer(x if self.norm is None else self.norm(x), mask=mask, cache=cache, mode=mode)
+            return h.astype(self.residual_dtype) + y.astype(self.residual_dtype), cache
 
-    def cached(self, h: jax.Array, entry, attention_mask: jax.Array, pos, key_valid: jax.Array,
-               all_states: bool = False):
-        """Like __call__, continuing from this layer's cache entry; returns (h, new entry)."""
-        x = self.normed(h)
-        if self.kind == "M":
-            y, entry = self.mixer(x, attention_mask=attention_mask, state=entry, return_state=True,
-                                  all_states=all_states)
-        elif self.kind == "*":
-            y, entry = self.mixer(x, cache=entry, pos=pos, key_valid=key_valid)
-        elif self.kind == "E":
-            y = self.mixer(x, record_stats=False)
-        else:
-            y = self.mixer(x)
-        return h.astype(self.residual_dtype) + y.astype(self.residual_dtype), entry
+
+def _call(block: Block, h, mask, cache, mode):
+    return block(h, mask=mask, cache=cache, mode=mode)
+
+
+def run_blocks(blocks: Sequence[Block], h: jax.Array, *, mask: Optional[jax.Array], caches: Optional[Sequence],
+               mode: Mode, remat: str = "none") -> tuple[jax.Array, Optional[tuple]]:
+    """h through the blocks in order -> (h, new caches: one per block, or None in TRAIN mode).
+
+    remat (TRAIN mode only): 'none' keeps every activation for the backward pass, 'block' keeps only block
+    inputs and recomputes the rest, 'dots' also keeps matmul outputs (recomputes only the cheap elementwise
+    work: norms, activations, the SSD's exp/cumsum)."""
+    call = _call
+    if mode is Mode.TRAIN and remat != "none":
+        saveable = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == "dots" else None
+        call = nnx.remat(_call, policy=saveable, static_argnums=(4,))
+    new = []
+    for block, cache in zip(blocks, caches if caches is not None else [None] * len(blocks)):
+        h, cache = call(block, h, mask, cache, mode)
+        h = constrain(h, RESIDUAL)
+        new.append(cache)
+    return h, None if caches is None else tuple(new)

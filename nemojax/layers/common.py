@@ -1,7 +1,16 @@
-"""Shared pieces for the layers: dtype lookup and the linear layer with the model's init and dot_general."""
+"""What every layer shares: the forward mode, the mixer interface, and parameter constructors that declare each
+weight's logical axes (sharding.py maps them to the mesh; a weight without axes is an error there).
+
+The mixer interface (Mamba-2, attention, MLP, MoE; layers/block.py passes every mixer the same arguments):
+    __call__(x [batch, t, hidden], *, mask [batch, t] or None (1 = real token), cache, mode) -> (y, new cache)
+    init_cache(batch, max_len, dtype) -> the mixer's empty inference cache (None for stateless mixers)
+Caches are pytrees that carry what their mixer needs to continue (KV caches their own write position), and
+offer `rewind(pos, index)` for speculative decoding.
+"""
 
 from __future__ import annotations
 
+import enum
 import functools
 import math
 
@@ -12,9 +21,27 @@ from flax import nnx
 from nemojax.config import ModelConfig
 
 
-def dtypes(cfg: ModelConfig) -> tuple[jnp.dtype, jnp.dtype]:
-    """(compute dtype, parameter dtype)."""
-    return jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+class Mode(enum.Enum):
+    """What a forward pass is for.
+
+    TRAIN    whole sequences without a cache (training, evaluation, scoring); MoE layers record router stats
+    PREFILL  prompt tokens written into the cache from its start: attention needs an empty cache (positions
+             from 0, attention over the new keys only); a Mamba state continues from the one given
+    DECODE   one token per row continuing the cache
+    VERIFY   several tokens continuing the cache, keeping the Mamba state after every one of them (speculative
+             decoding rolls back to any); dt follows decode semantics
+    """
+    TRAIN = "train"
+    PREFILL = "prefill"
+    DECODE = "decode"
+    VERIFY = "verify"
+
+
+def param(value: jax.Array, axes: tuple) -> nnx.Param:
+    """A parameter with its logical axes, one name per dimension (sharding.RULES)."""
+    if len(axes) != value.ndim:
+        raise ValueError(f"logical axes {axes} do not match a parameter of shape {value.shape}")
+    return nnx.Param(value, logical_axes=tuple(axes))
 
 
 def output_init_std(cfg: ModelConfig) -> float:
@@ -46,14 +73,10 @@ _matmul_einsum_grads.defvjp(_matmul_fwd, _matmul_bwd)
 
 def linear_dot(x, kernel, dims, precision=None, preferred_element_type=None, out_sharding=None):
     """The dot_general of the model's nnx.Linear layers: jax.lax.dot_general, except that on the CPU backend
-    the backward pass is two explicit einsums (dx = dy kernel^T, dkernel = x^T dy over all leading axes).
-
-    Why: autodiff's transpose of the dot leaves XLA:CPU a weight-gradient product whose dy operand it
-    transposes, fusing the elementwise backward that produces dy (silu, norm, residual gradients) into that
-    transposing copy, which then reads every input in transposed order (12 ms for one [4096, 256] gradient of
-    the tiny model). The einsum form avoids it. Same forward, same gradients; measured on the 2-core CPU:
-    tiny train step 0.246 -> 0.182 s, 123M 2.96 -> 2.16 s (medians, A/B in one process). Accelerator
-    backends keep autodiff's form. (Forward-mode autodiff through it is unsupported, as for every custom_vjp.)"""
+    the backward pass is two explicit einsums (dx = dy kernel^T, dkernel = x^T dy over all leading axes), which
+    XLA:CPU runs without transposing copies of dy (docs/architecture.md, "Linear backward on CPU"). Same forward
+    and gradients; accelerators keep autodiff's form. Forward-mode autodiff through it is unsupported, as for
+    every custom_vjp."""
     standard = dims == (((x.ndim - 1,), (0,)), ((), ())) and kernel.ndim == 2
     if (standard and preferred_element_type is None and out_sharding is None
             and jax.default_backend() == "cpu"):
@@ -62,16 +85,12 @@ def linear_dot(x, kernel, dims, precision=None, preferred_element_type=None, out
                                out_sharding=out_sharding)
 
 
-def is_plain_dot(dot_general) -> bool:
-    """Whether an nnx.Linear's dot_general is a full-precision one (not a quantized QuantDot)."""
-    return dot_general is linear_dot or dot_general is jax.lax.dot_general
-
-
-def linear(cfg: ModelConfig, d_in: int, d_out: int, rngs: nnx.Rngs, *, bias: bool = False,
+def linear(cfg: ModelConfig, d_in: int, d_out: int, rngs: nnx.Rngs, axes: tuple, *, bias: bool = False,
            std: float | None = None) -> nnx.Linear:
-    """nnx.Linear with kernel [d_in, d_out] ~ N(0, std) (default `initializer_range`), zero bias and
-    `linear_dot`."""
-    compute, param = dtypes(cfg)
-    return nnx.Linear(d_in, d_out, use_bias=bias, dtype=compute, param_dtype=param, dot_general=linear_dot,
+    """nnx.Linear with kernel [d_in, d_out] ~ N(0, std) (default `initializer_range`) and logical axes `axes`
+    (the bias takes the output axis), zero bias and `linear_dot`."""
+    return nnx.Linear(d_in, d_out, use_bias=bias, dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype,
+                      dot_general=linear_dot, kernel_metadata={"logical_axes": tuple(axes)},
+                      bias_metadata={"logical_axes": tuple(axes[1:])},
                       kernel_init=nnx.initializers.normal(cfg.initializer_range if std is None else std),
                       bias_init=nnx.initializers.zeros_init(), rngs=rngs)

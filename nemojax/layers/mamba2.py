@@ -15,36 +15,45 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nemojax import ssd as ssd_lib
+from nemojax import ssd
 from nemojax.config import ModelConfig
-from nemojax.layers.common import dtypes, linear, output_init_std
+from nemojax.layers.common import Mode, linear, output_init_std, param
 from nemojax.layers.norm import GatedGroupRMSNorm
 
 F32 = jnp.float32
 
 
 class MambaState(NamedTuple):
-    """Recurrent state of one Mamba layer.
-
-    conv: last (conv_kernel - 1) pre-conv inputs of x, B and C: [batch, K-1, I], [batch, K-1, GN], [batch, K-1, GN]
-    ssm:  [batch, heads, head_dim, state] fp32
-    """
+    """Inference cache of one Mamba layer: the last (conv_kernel - 1) pre-conv inputs of x, B and C
+    ([batch, K-1, I], [batch, K-1, GN], [batch, K-1, GN]) and the fp32 SSM state [batch, heads, head_dim, state].
+    A VERIFY pass returns every array with a position axis after batch: the state after each new token."""
     conv_x: jax.Array
     conv_B: jax.Array
     conv_C: jax.Array
     ssm: jax.Array
 
+    AXES = {"conv_x": ("batch", "conv_kernel", "mamba_heads"), "conv_B": ("batch", "conv_kernel", "ssm_groups"),
+            "conv_C": ("batch", "conv_kernel", "ssm_groups"), "ssm": ("batch", "mamba_heads", None, None)}
+
+    def rewind(self, pos, index: Optional[jax.Array] = None) -> "MambaState":
+        """The state after new token `index` of a VERIFY pass (a recurrent state cannot go back further)."""
+        if index is None:
+            raise ValueError("a Mamba state can only be rewound to a position kept by a VERIFY pass")
+        return jax.tree.map(lambda s: jnp.take(s, index, axis=1), self)
+
 
 class CausalDepthwiseConv(nnx.Module):
     """Causal depthwise conv over time, kernel K: out[t] = b + sum_k w[k] * in[t - (K-1) + k].
 
-    weight [K, channels] (w[K-1] multiplies the current token), bias [channels].
+    weight [K, channels] (w[K-1] multiplies the current token), bias [channels]; `axis` is the channels'
+    logical axis.
     """
 
-    def __init__(self, channels: int, kernel: int, use_bias: bool, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, channels: int, kernel: int, use_bias: bool, param_dtype, rngs: nnx.Rngs, axis: str):
         bound = 1.0 / math.sqrt(kernel)  # kaiming_uniform(a=sqrt(5)) with fan_in = kernel (depthwise)
-        self.weight = nnx.Param(jax.random.uniform(rngs.params(), (kernel, channels), param_dtype, -bound, bound))
-        self.bias = (nnx.Param(jax.random.uniform(rngs.params(), (channels,), param_dtype, -bound, bound))
+        self.weight = param(jax.random.uniform(rngs.params(), (kernel, channels), param_dtype, -bound, bound),
+                            ("conv_kernel", axis))
+        self.bias = (param(jax.random.uniform(rngs.params(), (channels,), param_dtype, -bound, bound), (axis,))
                      if use_bias else None)
         self.kernel = kernel
 
@@ -64,100 +73,94 @@ class CausalDepthwiseConv(nnx.Module):
             out = out + self.bias[...].astype(F32)
         return out, xp[:, t:].astype(x.dtype) if k > 1 else prefix
 
+    def prefix_windows(self, x: jax.Array, prefix: jax.Array) -> jax.Array:
+        """The prefix after each position of x [batch, seq, channels]: [batch, seq, K-1, channels]."""
+        k = self.kernel - 1
+        full = jnp.concatenate([prefix.astype(x.dtype), x], axis=1)                 # [b, k + t, c]
+        return jnp.stack([full[:, i + 1:i + 1 + k] for i in range(x.shape[1])], axis=1)
+
 
 class Mamba2Mixer(nnx.Module):
-    """x [batch, seq, hidden] -> [batch, seq, hidden] (and optionally the final MambaState)."""
+    """x [batch, seq, hidden] -> [batch, seq, hidden], with the mixer interface of layers/common.py."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
         h, g, n = cfg.mamba_num_heads, cfg.n_groups, cfg.ssm_state_size
-        d, inner = cfg.hidden_size, cfg.mamba_inner
-        _, param_dtype = dtypes(cfg)
+        d, inner, pd = cfg.hidden_size, cfg.mamba_inner, cfg.param_dtype
         bias = cfg.mamba_proj_bias
-        self.in_proj_z = linear(cfg, d, inner, rngs, bias=bias)
-        self.in_proj_x = linear(cfg, d, inner, rngs, bias=bias)
-        self.in_proj_B = linear(cfg, d, g * n, rngs, bias=bias)
-        self.in_proj_C = linear(cfg, d, g * n, rngs, bias=bias)
-        self.in_proj_dt = linear(cfg, d, h, rngs, bias=bias)
-        self.conv_x = CausalDepthwiseConv(inner, cfg.conv_kernel, cfg.use_conv_bias, param_dtype, rngs)
-        self.conv_B = CausalDepthwiseConv(g * n, cfg.conv_kernel, cfg.use_conv_bias, param_dtype, rngs)
-        self.conv_C = CausalDepthwiseConv(g * n, cfg.conv_kernel, cfg.use_conv_bias, param_dtype, rngs)
+        self.in_proj_z = linear(cfg, d, inner, rngs, ("embed", "mamba_heads"), bias=bias)
+        self.in_proj_x = linear(cfg, d, inner, rngs, ("embed", "mamba_heads"), bias=bias)
+        self.in_proj_B = linear(cfg, d, g * n, rngs, ("embed", "ssm_groups"), bias=bias)
+        self.in_proj_C = linear(cfg, d, g * n, rngs, ("embed", "ssm_groups"), bias=bias)
+        self.in_proj_dt = linear(cfg, d, h, rngs, ("embed", "mamba_heads"), bias=bias)
+        self.conv_x = CausalDepthwiseConv(inner, cfg.conv_kernel, cfg.use_conv_bias, pd, rngs, "mamba_heads")
+        self.conv_B = CausalDepthwiseConv(g * n, cfg.conv_kernel, cfg.use_conv_bias, pd, rngs, "ssm_groups")
+        self.conv_C = CausalDepthwiseConv(g * n, cfg.conv_kernel, cfg.use_conv_bias, pd, rngs, "ssm_groups")
         # S4D-real init: A = -U(1, 16); dt log-uniform in [time_step_min, time_step_max], stored as
         # inverse-softplus so softplus(dt_bias) = dt; D = 1 (quant_training.md §7).
-        self.A_log = nnx.Param(jnp.log(jax.random.uniform(rngs.params(), (h,), F32, 1.0, 16.0)).astype(param_dtype))
+        self.A_log = param(jnp.log(jax.random.uniform(rngs.params(), (h,), F32, 1.0, 16.0)).astype(pd),
+                           ("mamba_heads",))
         log_dt = jax.random.uniform(rngs.params(), (h,), F32, math.log(cfg.time_step_min), math.log(cfg.time_step_max))
         dt = jnp.maximum(jnp.exp(log_dt), cfg.time_step_floor)
-        self.dt_bias = nnx.Param((dt + jnp.log(-jnp.expm1(-dt))).astype(param_dtype))
-        self.D = nnx.Param(jnp.ones((h,), param_dtype))
-        self.norm = GatedGroupRMSNorm(inner, g, cfg.layer_norm_epsilon, param_dtype)
-        self.out_proj = linear(cfg, inner, d, rngs, bias=bias, std=output_init_std(cfg))
+        self.dt_bias = param((dt + jnp.log(-jnp.expm1(-dt))).astype(pd), ("mamba_heads",))
+        self.D = param(jnp.ones((h,), pd), ("mamba_heads",))
+        self.norm = GatedGroupRMSNorm(inner, g, cfg.layer_norm_epsilon, pd)
+        self.out_proj = linear(cfg, inner, d, rngs, ("mamba_heads", "embed"), bias=bias, std=output_init_std(cfg))
 
-    def discretize_dt(self, dt_raw: jax.Array, prefill: bool) -> jax.Array:
-        """dt = softplus(dt_raw + dt_bias) in fp32, limited by time_step_limit; with dt_clamp='hf' also
-        floored at time_step_min on multi-token forwards, as transformers 5.x does."""
+    def init_cache(self, batch: int, max_len: int, dtype) -> MambaState:
+        cfg, k, gn = self.cfg, self.cfg.conv_kernel - 1, self.cfg.n_groups * self.cfg.ssm_state_size
+        return MambaState(jnp.zeros((batch, k, cfg.mamba_inner), dtype), jnp.zeros((batch, k, gn), dtype),
+                          jnp.zeros((batch, k, gn), dtype),
+                          jnp.zeros((batch, cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size), F32))
+
+    def discretize_dt(self, dt_raw: jax.Array, mode: Mode) -> jax.Array:
+        """dt = softplus(dt_raw + dt_bias) in fp32, limited by time_step_limit; with dt_clamp='hf' also floored
+        at time_step_min on TRAIN and PREFILL forwards, as transformers 5.x does on its chunked (non-step) path."""
         cfg = self.cfg
         dt = jax.nn.softplus(dt_raw.astype(F32) + self.dt_bias[...].astype(F32))
         lo, hi = cfg.time_step_limit
-        if prefill and cfg.dt_clamp == "hf":
+        if mode in (Mode.TRAIN, Mode.PREFILL) and cfg.runtime.dt_clamp == "hf":
             lo = max(lo, cfg.time_step_min)
         if lo > 0.0 or hi != math.inf:
             dt = jnp.clip(dt, lo, hi)
         return dt
 
-    def __call__(self, x: jax.Array, attention_mask: Optional[jax.Array] = None,
-                 state: Optional[MambaState] = None, return_state: bool = False, all_states: bool = False):
-        """x [batch, seq, hidden]; attention_mask [batch, seq] (1 = real token) zeroes padded positions
-        before the projections and after the conv, as HF does. state continues a previous segment.
-
-        all_states=True (with return_state) returns, instead of the final state, the states after every
-        position: conv prefixes [batch, seq, K-1, ch] and ssm [batch, seq, heads, head_dim, state] (for
-        rolling back speculative tokens)."""
+    def __call__(self, x: jax.Array, *, mask: Optional[jax.Array] = None, cache: Optional[MambaState] = None,
+                 mode: Mode = Mode.TRAIN) -> tuple[jax.Array, Optional[MambaState]]:
+        """x [batch, seq, hidden]; mask [batch, seq] (1 = real token) zeroes padded positions before the
+        projections and after the conv, as HF does, so a left-padded row's state stays exactly zero."""
         cfg = self.cfg
         b, t, _ = x.shape
         h, p, g, n = cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.n_groups, cfg.ssm_state_size
-        mask = None if attention_mask is None else attention_mask.astype(x.dtype)[:, :, None]
-        if mask is not None:
-            x = x * mask
+        keep = None if mask is None else mask.astype(x.dtype)[:, :, None]
+        if keep is not None:
+            x = x * keep
         z = self.in_proj_z(x)
-        xs, new_cx = self.conv_x(self.in_proj_x(x), None if state is None else state.conv_x)
-        B, new_cB = self.conv_B(self.in_proj_B(x), None if state is None else state.conv_B)
-        C, new_cC = self.conv_C(self.in_proj_C(x), None if state is None else state.conv_C)
-        xs, B, C = jax.nn.silu(xs), jax.nn.silu(B), jax.nn.silu(C)
-        if mask is not None:
-            m32 = mask.astype(F32)
-            xs, B, C = xs * m32, B * m32, C * m32
-        # all_states marks a speculative verification pass: decode semantics, so no HF prefill-only clamp.
-        dt = self.discretize_dt(self.in_proj_dt(x), prefill=t > 1 and not all_states)
+        convs = (self.conv_x, self.conv_B, self.conv_C)
+        inputs = (self.in_proj_x(x), self.in_proj_B(x), self.in_proj_C(x))
+        prefixes = (None,) * 3 if cache is None else tuple(cache[:3])
+        convolved = [conv(a, prefix) for conv, a, prefix in zip(convs, inputs, prefixes)]  # (out, new prefix)
+        xs, B, C = (jax.nn.silu(out) if keep is None else jax.nn.silu(out) * keep.astype(F32) for out, _ in convolved)
+        dt = self.discretize_dt(self.in_proj_dt(x), mode)
         A = -jnp.exp(self.A_log[...].astype(F32))
         D = self.D[...].astype(F32)
         x4, B4, C4 = xs.reshape(b, t, h, p), B.reshape(b, t, g, n), C.reshape(b, t, g, n)
-        init = None if state is None else state.ssm
-        if all_states:
-            y, ssm_state = ssd_lib.ssd_naive(x4, dt, A, B4, C4, D, init, return_all_states=True)
-        elif t == 1 and state is not None:      # decode: the one-token recurrence, no chunking
-            y, ssm_state = ssd_lib.ssd_step(state.ssm, x4[:, 0], dt[:, 0], A, B4[:, 0], C4[:, 0], D)
+        if mode is Mode.DECODE:             # the one-token recurrence, no chunking
+            if t != 1:
+                raise ValueError(f"DECODE takes one token per row, got {t}")
+            y, state = ssd.step(cache.ssm, x4[:, 0], dt[:, 0], A, B4[:, 0], C4[:, 0], D)
             y = y[:, None]
+        elif mode is Mode.VERIFY:           # the state after every position, to roll back rejected drafts
+            y, state = ssd.ssd(x4, dt, A, B4, C4, D, cache.ssm, impl="naive", return_all_states=True)
         else:
-            y, ssm_state = ssd_lib.ssd(x4, dt, A, B4, C4, D=D, initial_state=init, chunk_size=cfg.chunk_size,
-                                       impl=cfg.ssd_impl)
+            y, state = ssd.ssd(x4, dt, A, B4, C4, D, None if cache is None else cache.ssm,
+                               impl=cfg.runtime.ssd_impl, chunk_size=cfg.runtime.chunk_size)
         y = self.norm(y.reshape(b, t, h * p), z)                          # fp32
-        out = self.out_proj(y.astype(dtypes(cfg)[0]))
-        if not return_state:
-            return out
-        if all_states:
-            windows = [self._prefix_windows(c, proj(x), state_c) for c, proj, state_c in (
-                (self.conv_x, self.in_proj_x, None if state is None else state.conv_x),
-                (self.conv_B, self.in_proj_B, None if state is None else state.conv_B),
-                (self.conv_C, self.in_proj_C, None if state is None else state.conv_C))]
-            return out, MambaState(*windows, ssm_state)
-        return out, MambaState(new_cx, new_cB, new_cC, ssm_state)
-
-    @staticmethod
-    def _prefix_windows(conv: "CausalDepthwiseConv", inputs: jax.Array, prefix: Optional[jax.Array]) -> jax.Array:
-        """Conv prefix after each position: [batch, seq, K-1, channels]."""
-        b, t, c = inputs.shape
-        k = conv.kernel - 1
-        if prefix is None:
-            prefix = jnp.zeros((b, k, c), inputs.dtype)
-        full = jnp.concatenate([prefix.astype(inputs.dtype), inputs], axis=1)          # [b, k + t, c]
-        return jnp.stack([full[:, i + 1:i + 1 + k] for i in range(t)], axis=1)
+        out = self.out_proj(y.astype(cfg.compute_dtype))
+        if mode is Mode.TRAIN:
+            return out, None
+        if mode is Mode.VERIFY:
+            new_prefixes = [conv.prefix_windows(a, prefix) for conv, a, prefix in zip(convs, inputs, prefixes)]
+        else:
+            new_prefixes = [prefix for _, prefix in convolved]
+        return out, MambaState(*new_prefixes, state)

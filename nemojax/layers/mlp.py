@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import jax
 from flax import nnx
 
 from nemojax.config import ModelConfig
-from nemojax.layers.common import linear, output_init_std
+from nemojax.layers.common import Mode, linear, output_init_std
 
 
 def relu2(x: jax.Array) -> jax.Array:
@@ -15,14 +17,18 @@ def relu2(x: jax.Array) -> jax.Array:
 
 
 class MLP(nnx.Module):
-    """x [batch, seq, hidden] -> [batch, seq, hidden]. up_proj [hidden, F], down_proj [F, hidden]."""
+    """x [batch, seq, hidden] -> [batch, seq, hidden]. up_proj [hidden, F], down_proj [F, hidden]. Stateless."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, intermediate_size: int | None = None,
-                 d_model: int | None = None):
-        d = d_model or cfg.hidden_size
-        f = intermediate_size or cfg.intermediate_size
-        self.up_proj = linear(cfg, d, f, rngs, bias=cfg.mlp_bias)
-        self.down_proj = linear(cfg, f, d, rngs, bias=cfg.mlp_bias, std=output_init_std(cfg))
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, intermediate_size: int | None = None):
+        d, f = cfg.hidden_size, intermediate_size or cfg.intermediate_size
+        self.up_proj = linear(cfg, d, f, rngs, ("embed", "mlp"), bias=cfg.mlp_bias)
+        self.down_proj = linear(cfg, f, d, rngs, ("mlp", "embed"), bias=cfg.mlp_bias, std=output_init_std(cfg))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def init_cache(self, batch: int, max_len: int, dtype) -> None:
+        return None
+
+    def ffn(self, x: jax.Array) -> jax.Array:
         return self.down_proj(relu2(self.up_proj(x)))
+
+    def __call__(self, x: jax.Array, *, mask: Optional[jax.Array] = None, cache=None, mode: Mode = Mode.TRAIN):
+        return self.ffn(x), None

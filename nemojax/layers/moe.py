@@ -14,6 +14,8 @@ Expert compute is sparse in FLOPs, with static shapes under jit:
                 capacity_factor=None sizes the slots for the worst case (dropless, exact).
     'dense'     every expert on every token, weighted by the (mostly zero) routing matrix: the reference.
     'auto'      ragged on GPU/TPU, capacity on CPU.
+Each forward in TRAIN mode records the router load (and the aux loss when moe_aux_loss_coef > 0) in variables
+that training reads (train/loss.py: aux-loss-free bias updates, the balance loss).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nemojax.config import ModelConfig
-from nemojax.layers.common import dtypes, linear, output_init_std
+from nemojax.layers.common import Mode, linear, output_init_std, param
 from nemojax.layers.mlp import MLP, relu2
 
 F32 = jnp.float32
@@ -132,81 +134,64 @@ def resolve_impl(impl: str) -> str:
 
 
 class MoE(nnx.Module):
-    """x [batch, seq, hidden] -> [batch, seq, hidden]."""
+    """x [batch, seq, hidden] -> [batch, seq, hidden] with the mixer interface of layers/common.py. Stateless."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, d_model: Optional[int] = None):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
-        d = d_model or cfg.hidden_size
-        e, i = cfg.n_routed_experts, cfg.moe_intermediate_size
+        d, e, i, pd = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.param_dtype
         width = cfg.moe_latent_size or d
-        _, param_dtype = dtypes(cfg)
         init = nnx.initializers.normal(cfg.initializer_range)
-        self.gate = nnx.Param(init(rngs.params(), (d, e), param_dtype))               # HF gate.weight [E, D]
-        self.e_score_correction_bias = ExpertBias(jnp.zeros((e,), F32))
-        self.up_proj = nnx.Param(init(rngs.params(), (e, width, i), param_dtype))
-        self.down_proj = nnx.Param(nnx.initializers.normal(output_init_std(cfg))(rngs.params(), (e, i, width),
-                                                                                 param_dtype))
-        self.shared_experts = MLP(cfg, rngs, intermediate_size=cfg.moe_shared_expert_intermediate_size, d_model=d)
+        self.gate = param(init(rngs.params(), (d, e), pd), ("embed", "router"))      # HF gate.weight [E, D]
+        self.e_score_correction_bias = ExpertBias(jnp.zeros((e,), F32), logical_axes=("router",))
+        self.up_proj = param(init(rngs.params(), (e, width, i), pd), ("experts", "expert_embed", "expert_mlp"))
+        self.down_proj = param(nnx.initializers.normal(output_init_std(cfg))(rngs.params(), (e, i, width), pd),
+                               ("experts", "expert_mlp", "expert_embed"))
+        self.shared_experts = MLP(cfg, rngs, intermediate_size=cfg.moe_shared_expert_intermediate_size)
         if cfg.moe_latent_size:
-            self.fc1_latent_proj = linear(cfg, d, cfg.moe_latent_size, rngs, bias=cfg.mlp_bias)
-            self.fc2_latent_proj = linear(cfg, cfg.moe_latent_size, d, rngs, bias=cfg.mlp_bias,
+            self.fc1_latent_proj = linear(cfg, d, width, rngs, ("embed", "latent"), bias=cfg.mlp_bias)
+            self.fc2_latent_proj = linear(cfg, width, d, rngs, ("latent", "embed"), bias=cfg.mlp_bias,
                                           std=output_init_std(cfg))
         else:
             self.fc1_latent_proj = self.fc2_latent_proj = None
-        self.router_load = RouterLoad(jnp.zeros((e,), F32))
-        self.aux_loss = AuxLoss(jnp.zeros((), F32))
+        self.router_load = RouterLoad(jnp.zeros((e,), F32), logical_axes=("router",))
+        self.aux_loss = AuxLoss(jnp.zeros((), F32), logical_axes=())
 
-    def __call__(self, x: jax.Array, impl: Optional[str] = None, record_stats: bool = True) -> jax.Array:
-        """record_stats=False skips router_load / aux_loss (inference: inside decode loops the variables
-        belong to another trace level)."""
+    def init_cache(self, batch: int, max_len: int, dtype) -> None:
+        return None
+
+    def __call__(self, x: jax.Array, *, mask: Optional[jax.Array] = None, cache=None, mode: Mode = Mode.TRAIN,
+                 impl: Optional[str] = None) -> tuple[jax.Array, None]:
+        """impl overrides cfg.runtime.moe_impl. Router statistics are recorded in TRAIN mode only (inside
+        decode loops the variables belong to another trace level)."""
         cfg = self.cfg
-        compute = dtypes(cfg)[0]
+        compute = cfg.compute_dtype
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         routing = route(flat, self.gate[...], self.e_score_correction_bias[...], cfg)
-        if record_stats:
+        if mode is Mode.TRAIN:
             self._record_stats(routing)
         h = flat if self.fc1_latent_proj is None else self.fc1_latent_proj(flat)
         up, down = self.up_proj[...].astype(compute), self.down_proj[...].astype(compute)
-        impl = resolve_impl(impl or cfg.moe_impl)
+        impl = resolve_impl(impl or cfg.runtime.moe_impl)
         if impl == "dense":
             y = experts_dense(h, up, down, routing)
         elif impl == "ragged":
             y = experts_ragged(h, up, down, routing)
         elif impl == "capacity":
-            y = experts_capacity(h, up, down, routing, cfg.moe_capacity_factor)
+            y = experts_capacity(h, up, down, routing, cfg.runtime.moe_capacity_factor)
         else:
             raise ValueError(f"unknown moe_impl {impl!r}")
         y = y.astype(compute)                                  # fp32 accumulation, cast before fc2 (as HF)
         if self.fc2_latent_proj is not None:
             y = self.fc2_latent_proj(y)
-        return (y + self.shared_experts(x.reshape(-1, shape[-1]))).reshape(shape)
+        return (y + self.shared_experts.ffn(flat)).reshape(shape), None
 
     def _record_stats(self, routing: Routing) -> None:
-        e = self.cfg.n_routed_experts
+        e, coef = self.cfg.n_routed_experts, self.cfg.runtime.moe_aux_loss_coef
         counts = jnp.zeros((e,), F32).at[routing.experts.reshape(-1)].add(1.0)
         load = counts / counts.sum()
         self.router_load[...] = jax.lax.stop_gradient(load)
-        if self.cfg.moe_aux_loss_coef > 0:
+        if coef > 0:
             # Switch/DeepSeek sequence-agnostic balance loss: E * sum_e load_e * mean normalised score_e.
             probs = routing.scores / routing.scores.sum(-1, keepdims=True)
-            self.aux_loss[...] = self.cfg.moe_aux_loss_coef * e * jnp.sum(jax.lax.stop_gradient(load) *
-                                                                          probs.mean(0))
-
-
-def update_expert_bias(model: nnx.Module, rate: float) -> None:
-    """Aux-loss-free balancing (DeepSeek-V3, used by Nemotron 3): after a step, raise the correction bias of
-    under-loaded experts and lower it for over-loaded ones by `rate` * sign(mean load - load)."""
-    for _, moe in model.iter_modules():
-        if isinstance(moe, MoE):
-            load = moe.router_load[...]
-            moe.e_score_correction_bias[...] = moe.e_score_correction_bias[...] + rate * jnp.sign(load.mean() - load)
-
-
-def moe_aux_loss(model: nnx.Module) -> jax.Array:
-    """Sum of the MoE layers' load-balancing losses from the last forward (0 when disabled)."""
-    total = jnp.zeros((), F32)
-    for _, moe in model.iter_modules():
-        if isinstance(moe, MoE):
-            total = total + moe.aux_loss[...]
-    return total
+            self.aux_loss[...] = coef * e * jnp.sum(jax.lax.stop_gradient(load) * probs.mean(0))

@@ -19,46 +19,27 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nemojax.config import ModelConfig
-from nemojax.layers.block import Block
-from nemojax.layers.common import dtypes, linear
+from nemojax.layers.block import Block, run_blocks
+from nemojax.layers.common import Mode, linear
 from nemojax.layers.norm import RMSNorm
 
 
 class MTPBlock(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        d, param = cfg.hidden_size, dtypes(cfg)[1]
-        self.enorm = RMSNorm(d, cfg.layer_norm_epsilon, param)
-        self.hnorm = RMSNorm(d, cfg.layer_norm_epsilon, param)
-        self.eh_proj = linear(cfg, 2 * d, d, rngs)
-        self.layers = nnx.List([Block(c, cfg, rngs) for c in cfg.mtp_pattern])
-        self.final_layernorm = RMSNorm(d, cfg.layer_norm_epsilon, param)
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, index: int = 0):
+        d, eps, pd = cfg.hidden_size, cfg.layer_norm_epsilon, cfg.param_dtype
+        self.enorm = RMSNorm(d, eps, pd)
+        self.hnorm = RMSNorm(d, eps, pd)
+        self.eh_proj = linear(cfg, 2 * d, d, rngs, ("concat_embed", "embed"))
+        self.layers = nnx.List([Block(c, cfg, rngs, f"mtp{index}_layer{i}") for i, c in enumerate(cfg.mtp_pattern)])
+        self.final_layernorm = RMSNorm(d, eps, pd)
 
-    def __call__(self, hidden: jax.Array, next_embeds: jax.Array,
-                 attention_mask: Optional[jax.Array] = None) -> jax.Array:
-        """hidden, next_embeds [batch, seq, hidden] -> [batch, seq, hidden]."""
+    def init_cache(self, batch: int, max_len: int, dtype) -> tuple:
+        return tuple(block.init_cache(batch, max_len, dtype) for block in self.layers)
+
+    def __call__(self, hidden: jax.Array, next_embeds: jax.Array, *, mask: Optional[jax.Array] = None,
+                 cache: Optional[tuple] = None, mode: Mode = Mode.TRAIN) -> tuple[jax.Array, Optional[tuple]]:
+        """hidden, next_embeds [batch, seq, hidden] -> (output [batch, seq, hidden], new cache). As a small causal
+        model over positions, with its own per-layer caches (init_cache) in the inference modes."""
         x = self.eh_proj(jnp.concatenate([self.enorm(next_embeds), self.hnorm(hidden)], axis=-1))
-        for block in self.layers:
-            x = block(x, attention_mask)
-        return self.final_layernorm(x)
-
-
-    def forward_cached(self, hidden: jax.Array, next_embeds: jax.Array, cache, mask: jax.Array, pos,
-                       prefill: bool = False):
-        """The MTP block as a small causal model with its own HybridCache (pattern mtp_pattern): positions
-        [pos, pos + t). Returns (output [b, t, hidden], new cache with pos + t)."""
-        from nemojax.cache import HybridCache
-
-        t = hidden.shape[1]
-        p = 0 if prefill else pos
-        key_valid = jax.lax.dynamic_update_slice(cache.key_valid, mask.astype(bool), (0, p))
-        x = self.eh_proj(jnp.concatenate([self.enorm(next_embeds), self.hnorm(hidden)], axis=-1))
-        entries = []
-        for block, entry in zip(self.layers, cache.layers):
-            x, entry = block.cached(x, entry, mask.astype(jnp.int32), p, key_valid)
-            entries.append(entry)
-        return self.final_layernorm(x), HybridCache(tuple(entries), key_valid, jnp.asarray(p + t, jnp.int32))
-
-
-def shift_left(ids: jax.Array, k: int, fill: int = 0) -> jax.Array:
-    """ids [batch, seq] -> ids[:, i + k] at position i, `fill` past the end."""
-    return jnp.concatenate([ids[:, k:], jnp.full((ids.shape[0], k), fill, ids.dtype)], axis=1)
+        x, cache = run_blocks(self.layers, x, mask=mask, caches=cache, mode=mode)
+        return self.final_layernorm(x), cache

@@ -6,14 +6,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nemojax.layers.common import param
+
 F32 = jnp.float32
 
 
 class RMSNorm(nnx.Module):
-    """y = (w * x * rsqrt(mean(x^2) + eps)) computed in fp32, cast back to x's dtype. weight [dim]."""
+    """y = (w * x * rsqrt(mean(x^2) + eps)) computed in fp32, cast back to x's dtype. weight [dim] with logical
+    axis `axis` (norm weights are replicated by default)."""
 
-    def __init__(self, dim: int, eps: float, param_dtype=F32):
-        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+    def __init__(self, dim: int, eps: float, param_dtype=F32, axis: str = "norm"):
+        self.weight = param(jnp.ones((dim,), param_dtype), (axis,))
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -25,13 +28,14 @@ class RMSNorm(nnx.Module):
 class GatedGroupRMSNorm(nnx.Module):
     """Mamba-2's norm_before_gate=False gated norm: RMSNorm_group(y * silu(z)) * w, all in fp32.
 
-    y, z: [..., inner]; groups are contiguous blocks of inner // groups channels. Returns fp32.
+    y, z: [..., inner]; groups are contiguous blocks of inner // groups channels. Returns fp32. The weight
+    [inner] is laid out like the Mamba heads (logical axis "mamba_heads").
     """
 
     def __init__(self, dim: int, groups: int, eps: float, param_dtype=F32):
         if dim % groups:
             raise ValueError(f"gated norm width {dim} is not divisible by n_groups {groups}")
-        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.weight = param(jnp.ones((dim,), param_dtype), ("mamba_heads",))
         self.groups = groups
         self.eps = eps
 

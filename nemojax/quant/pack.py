@@ -1,5 +1,5 @@
-"""4-bit serving export: pack a model's linear weights (and optionally the embedding table) to NVFP4 or int4,
-run them through the 4-bit matmul, and save / load the packed model with Orbax.
+"""4-bit serving export: pack a model's linear weights (and optionally the embedding table) to NVFP4 or int4 and
+run them through the 4-bit matmul (convert/orbax.py saves and loads packed models: save_packed, load_packed).
 
 The Pallas kernel (pallas_kernels.matmul4) runs on GPU and TPU; elsewhere the layers use the XLA fallback
 x @ dequantize(W4), which computes the same numbers. MoE expert weights, norms, the convolution and the SSM
@@ -13,8 +13,6 @@ values, so they must produce the same logits up to summation order and the same 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Optional
 
 import jax
@@ -22,12 +20,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nemojax.config import ConfigError
-from nemojax.model import PERSISTENT, NemotronH, materialize
+from nemojax.model import PERSISTENT, NemotronH
 from pallas_kernels.matmul4 import Packed4, dequantize, matmul4, matmul4_reference, quantize
 from pallas_kernels.matmul4.formats import FORMATS, INT4_GROUPS, NVFP4_BLOCK
 
 F32 = jnp.float32
-PACK_FILE = "nemojax_pack.json"
 
 
 class PackedWeight(nnx.Variable):
@@ -75,13 +72,15 @@ def _quantize(w: jax.Array, spec: PackSpec) -> Optional[Packed4]:
 
 
 class _Packed(nnx.Module):
-    """Holds one Packed4 as variables; E4M3 scales are stored as their bytes (uint8) for checkpoint formats."""
+    """Holds one Packed4 as variables; E4M3 scales are stored as their bytes (uint8) for checkpoint formats.
+    Nibble bytes [K/2, N] and scales [K/block, N] keep the logical axes `axes` of the [K, N] weight."""
 
-    def __init__(self, p: Packed4):
-        self.data = PackedWeight(p.data)
+    def __init__(self, p: Packed4, axes: tuple):
+        self.data = PackedWeight(p.data, logical_axes=axes)
         self.e4m3 = p.scales.dtype == jnp.float8_e4m3fn
-        self.scales = PackedWeight(jax.lax.bitcast_convert_type(p.scales, jnp.uint8) if self.e4m3 else p.scales)
-        self.tensor_scale = PackedWeight(p.tensor_scale)
+        self.scales = PackedWeight(jax.lax.bitcast_convert_type(p.scales, jnp.uint8) if self.e4m3 else p.scales,
+                                   logical_axes=axes)
+        self.tensor_scale = PackedWeight(p.tensor_scale, logical_axes=())
         self.fmt, self.k, self.block = p.fmt, p.k, p.block
 
     def packed(self, columns: Optional[jax.Array] = None) -> Packed4:
@@ -97,9 +96,9 @@ class _Packed(nnx.Module):
 class PackedLinear(_Packed):
     """y [..., N] = x [..., K] @ W4 [K, N] (+ bias), accumulated in fp32, returned in the compute dtype."""
 
-    def __init__(self, p: Packed4, bias: Optional[jax.Array], compute_dtype):
-        super().__init__(p)
-        self.bias = None if bias is None else nnx.Param(bias)
+    def __init__(self, p: Packed4, bias: Optional[jax.Array], compute_dtype, axes: tuple):
+        super().__init__(p, axes)
+        self.bias = None if bias is None else nnx.Param(bias, logical_axes=axes[1:])
         self.compute_dtype = compute_dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -114,7 +113,7 @@ class PackedEmbed(_Packed):
     packed column, dequantized after the gather."""
 
     def __init__(self, p: Packed4, compute_dtype):
-        super().__init__(p)
+        super().__init__(p, ("embed", "vocab"))
         self.compute_dtype = compute_dtype
 
     def __call__(self, ids: jax.Array) -> jax.Array:
@@ -142,7 +141,7 @@ def _linear_slots(model: NemotronH, spec: PackSpec):
 def pack_model(model: NemotronH, spec: PackSpec = PackSpec()) -> dict:
     """Replaces the model's linear layers (and embeddings if spec.embeddings) by packed ones, in place.
     Returns {"packed": n, "skipped": [names whose K fits no block size]}."""
-    compute = jnp.dtype(model.config.dtype)
+    compute = model.config.compute_dtype
     packed, skipped = 0, []
     for parent, name, lin in _linear_slots(model, spec):
         p = _quantize(lin.kernel[...], spec)
@@ -150,7 +149,7 @@ def pack_model(model: NemotronH, spec: PackSpec = PackSpec()) -> dict:
             skipped.append(name)
             continue
         bias = None if lin.bias is None else lin.bias[...]
-        setattr(parent, name, PackedLinear(p, bias, compute))
+        setattr(parent, name, PackedLinear(p, bias, compute, lin.kernel.get_metadata()["logical_axes"]))
         packed += 1
     if spec.embeddings:
         p = _quantize(model.embeddings.embedding[...].T, spec)                # the table [V, D] as [D, V]
@@ -181,33 +180,3 @@ def weight_bytes(model: nnx.Module) -> int:
     """Bytes of every stored weight (parameters, packed weights, MoE bias buffers)."""
     state = nnx.state(model, (*PERSISTENT, PackedWeight))
     return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(state))
-
-
-def save_packed(model: NemotronH, directory: str, spec: PackSpec, force: bool = False) -> None:
-    """Orbax directory with the packed weights, the model config and the pack spec (load_packed reads it)."""
-    from nemojax.convert.orbax import save_orbax
-
-    save_orbax(model, directory, force=force, variables=(*PERSISTENT, PackedWeight))
-    with open(os.path.join(os.path.abspath(directory), PACK_FILE), "w") as f:
-        json.dump(dataclasses.asdict(spec), f, indent=2)
-
-
-def load_packed(directory: str) -> NemotronH:
-    """Restores a model written by save_packed (no full-precision weights are materialised)."""
-    from nemojax.convert.orbax import read_config, restore_params
-
-    directory = os.path.abspath(directory)
-    if not os.path.isfile(os.path.join(directory, PACK_FILE)):
-        raise FileNotFoundError(f"{directory} is not a packed nemojax model: no {PACK_FILE}")
-    cfg = read_config(directory)
-    with open(os.path.join(directory, PACK_FILE)) as f:
-        spec = PackSpec(**json.load(f))
-
-    def build():
-        model = NemotronH(cfg, nnx.Rngs(0))
-        pack_model(model, spec)
-        return model
-
-    graphdef, state = nnx.split(nnx.eval_shape(build))
-    target = nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, state), (*PERSISTENT, PackedWeight)))
-    return materialize(graphdef, state, restore_params(directory, target))

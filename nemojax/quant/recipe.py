@@ -16,13 +16,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-from typing import Optional
+from typing import Literal, Optional
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nemojax.config import ConfigError
+from nemojax.config import ConfigError, check_choices
 from nemojax.layers.common import linear_dot
 
 PRECISIONS = ("bf16", "fp8", "nvfp4", "aqt_int8", "aqt_int4")
@@ -58,12 +58,11 @@ class QuantOptions:
     nvfp4_2d_weights: bool = True             # 16x16 weight blocks (else 1x16 along the contraction axis)
     nvfp4_rht: bool = True                    # random Hadamard transform on the wgrad operands
     stochastic_rounding: bool = True          # on gradients only (nvfp4, aqt)
-    fp8_grad_format: str = "e4m3"             # e4m3 (Nemotron-H paper) or e5m2 (TE's "hybrid")
+    fp8_grad_format: Literal["e4m3", "e5m2"] = "e4m3"  # e4m3 (Nemotron-H paper) or e5m2 (TE's "hybrid")
     aqt_bits: Optional[tuple] = None          # (fwd, dgrad, wgrad) bits; None = preset (int8: 8,8,8; int4: 4,8,8)
 
     def __post_init__(self):
-        if self.fp8_grad_format not in ("e4m3", "e5m2"):
-            raise ConfigError(f"quant.fp8_grad_format must be e4m3 or e5m2, got {self.fp8_grad_format!r}")
+        check_choices(self, "train.quant")
         if self.aqt_bits is not None:
             object.__setattr__(self, "aqt_bits", tuple(self.aqt_bits))
             if len(self.aqt_bits) != 3 or any(b not in (None, 2, 4, 8) for b in self.aqt_bits):

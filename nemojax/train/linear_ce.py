@@ -4,9 +4,8 @@
 
 Autodiff of `log_softmax(h @ W)` leaves XLA to pick the layout of the [tokens, vocab] logits gradient. On CPU
 it writes that gradient a second time, transposed, for the weight gradient, and runs the input gradient as a
-slow transposed product: 0.73 s of a 3.0 s train step for a 123M model with a 32k vocabulary at 2x512 tokens.
-Here the backward is three plain ops: p = softmax - onehot (from the saved logits), dh = p @ W^T,
-dW = h^T @ p (benchmarks/train_step.py: the step went from 3.09 s to 2.50 s).
+slow transposed product. Here the backward is three plain ops: p = softmax - onehot (from the saved logits),
+dh = p @ W^T, dW = h^T @ p (docs/architecture.md, "Fused output loss", has the measurements).
 
 chunk_tokens > 0 bounds memory instead: the logits exist for one chunk of positions at a time and are
 recomputed in the backward pass (one more vocab-sized matmul per step). A 131k vocabulary at 8k tokens holds

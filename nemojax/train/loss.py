@@ -1,4 +1,5 @@
-"""Language-modelling losses: next-token cross entropy and the multi-token-prediction (MTP) loss."""
+"""Language-modelling losses: next-token cross entropy, the multi-token-prediction (MTP) loss, and MoE load
+balancing (the Switch aux loss and the aux-loss-free correction-bias update)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-from nemojax.layers.common import dtypes
-from nemojax.layers.mtp import shift_left
+from nemojax.layers.moe import AuxLoss, ExpertBias, RouterLoad
+from nemojax.model import shift_left
+from nemojax.quant.recipe import QuantDot
 from nemojax.train.linear_ce import linear_cross_entropy
 
 
@@ -29,17 +32,27 @@ def next_token_ce(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     return cross_entropy(logits, tokens[:, 1:], jnp.ones((b, t), jnp.float32))
 
 
+def output_weight(model) -> Optional[tuple[jax.Array, bool]]:
+    """(weight, vocab_major) of a plain output layer that the loss can fuse: the lm_head kernel [D, V], or the
+    tied embedding table [V, D] with vocab_major=True. None where it is quantized, packed or has a bias."""
+    head = model.lm_head
+    if head is None:
+        return (model.embeddings.embedding[...], True) if type(model.embeddings) is nnx.Embed else None
+    plain = type(head) is nnx.Linear and head.bias is None and not isinstance(head.dot_general, QuantDot)
+    return (head.kernel[...], False) if plain else None
+
+
 def token_loss(model, hidden: jax.Array, labels: jax.Array, mask: jax.Array, chunk_tokens: int = 0) -> jax.Array:
     """Mean cross entropy of the model's output layer applied to hidden [b, t, D] against labels [b, t] over
     mask [b, t] (1 = counted). Fused with the output projection (linear_ce.py) unless that layer is quantized
     or packed."""
-    out = model.output_weight()
+    out = output_weight(model)
     if out is None:
         return cross_entropy(model.logits(hidden), labels, mask)
     weight, vocab_major = out
     mask = mask.astype(jnp.float32)
     return linear_cross_entropy(hidden, weight, labels, mask / jnp.maximum(mask.sum(), 1.0),
-                                vocab_major=vocab_major, compute_dtype=dtypes(model.config)[0],
+                                vocab_major=vocab_major, compute_dtype=model.config.compute_dtype,
                                 chunk_tokens=chunk_tokens)
 
 
@@ -56,7 +69,7 @@ def lm_and_mtp_losses(model, tokens: jax.Array, valid: Optional[jax.Array] = Non
         raise ValueError(f"tokens must be [batch, seq + 1] with seq >= 1, got {tokens.shape}")
     valid = jnp.ones_like(tokens) if valid is None else valid
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    hidden = model.hidden_states(inputs)
+    hidden, _ = model.forward(inputs)
     mtp_hidden = model.mtp_hidden(hidden, inputs, depth) if depth else []
 
     def loss_at(h: jax.Array, k: int) -> jax.Array:        # k = 0: next token; k >= 1: MTP depth k
@@ -64,3 +77,18 @@ def lm_and_mtp_losses(model, tokens: jax.Array, valid: Optional[jax.Array] = Non
         return token_loss(model, h, shift_left(targets, k), mask, chunk_tokens)
 
     return loss_at(hidden, 0), [loss_at(h, k) for k, h in enumerate(mtp_hidden, start=1)]
+
+
+def moe_aux_loss(model) -> jax.Array:
+    """Sum of the MoE layers' load-balancing losses from the last TRAIN forward (0 when disabled)."""
+    return sum((v for v in jax.tree.leaves(nnx.state(model, AuxLoss))), jnp.zeros((), jnp.float32))
+
+
+def update_expert_bias(model, rate: float) -> None:
+    """Aux-loss-free balancing (DeepSeek-V3, used by Nemotron 3): after a step, raise the correction bias of
+    under-loaded experts and lower it for over-loaded ones by `rate` * sign(mean load - load), from the router
+    load each MoE layer recorded in the last TRAIN forward."""
+    biases, loads = nnx.state(model, ExpertBias).flat_state(), dict(nnx.state(model, RouterLoad).flat_state())
+    for path, bias in biases:
+        load = loads[path[:-1] + ("router_load",)][...]
+        bias[...] = bias[...] + rate * jnp.sign(load.mean() - load)

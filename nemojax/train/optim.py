@@ -5,9 +5,12 @@ clipping, warmup-stable-decay or cosine schedules, optional gradient accumulatio
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import jax
 import optax
+
+from nemojax.config import check_choices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,7 +18,7 @@ class OptimConfig:
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
-    schedule: str = "wsd"             # wsd | cosine | constant
+    schedule: Literal["wsd", "cosine", "constant"] = "wsd"
     decay_fraction: float = 0.2       # WSD: share of the run spent decaying
     weight_decay: float = 0.1
     b1: float = 0.9
@@ -23,6 +26,9 @@ class OptimConfig:
     eps: float = 1e-8
     clip_norm: float = 1.0
     grad_accum: int = 1
+
+    def __post_init__(self):
+        check_choices(self, "train.optim")
 
 
 def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -33,12 +39,10 @@ def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
         after = optax.constant_schedule(cfg.lr)
     elif cfg.schedule == "cosine":
         after = optax.cosine_decay_schedule(cfg.lr, rest, alpha=cfg.min_lr_ratio)
-    elif cfg.schedule == "wsd":
+    else:                             # wsd
         decay = max(int(rest * cfg.decay_fraction), 1)
         after = optax.join_schedules([optax.constant_schedule(cfg.lr),
                                       optax.linear_schedule(cfg.lr, floor, decay)], [rest - decay])
-    else:
-        raise ValueError(f"unknown schedule {cfg.schedule!r}; expected wsd, cosine or constant")
     return optax.join_schedules([warmup, after], [cfg.warmup_steps])
 
 

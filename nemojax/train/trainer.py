@@ -16,22 +16,20 @@ import json
 import math
 import os
 import time
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import yaml
 from flax import nnx
 
-from nemojax.config import ConfigError, ModelConfig, coerce_numbers
-from nemojax.layers.moe import moe_aux_loss, update_expert_bias
+from nemojax.config import ConfigError, ModelConfig, build, check_choices, read_run_config
 from nemojax.model import PERSISTENT, NemotronH
-from nemojax.quant.recipe import PRECISIONS, QuantOptions, apply_precision, rounding_key
+from nemojax.quant.recipe import QuantOptions, apply_precision, rounding_key
 from nemojax.sharding import MeshConfig, batch_sharding, make_mesh, shard_model
 from nemojax.train.data import Corpus, DataConfig
-from nemojax.train.loss import lm_and_mtp_losses, next_token_ce
+from nemojax.train.loss import lm_and_mtp_losses, moe_aux_loss, next_token_ce, update_expert_bias
 from nemojax.train.optim import OptimConfig, make_optimizer, schedule
 
 
@@ -57,13 +55,12 @@ class TrainConfig:
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     mesh: MeshConfig = MeshConfig()       # data=-1 fills the devices; e.g. train.mesh.tensor=2
-    precision: str = "bf16"               # bf16 (no quantization) | fp8 | nvfp4 | aqt_int8 | aqt_int4
+    precision: Literal["bf16", "fp8", "nvfp4", "aqt_int8", "aqt_int4"] = "bf16"   # bf16: no quantization
     quant: QuantOptions = QuantOptions()  # recipe details (high-precision blocks, RHT, SR, forward switch)
     qad_teacher: str = ""                 # model dir: distill it into an NVFP4 student started from its weights
 
     def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        check_choices(self, "train")
         if self.loss_chunk_tokens < 0:
             raise ConfigError(f"train.loss_chunk_tokens must be >= 0, got {self.loss_chunk_tokens}")
         if self.qad_teacher and self.precision != "nvfp4":
@@ -71,43 +68,16 @@ class TrainConfig:
                               f"(got {self.precision!r})")
 
 
-def _build(cls, d: dict, what: str):
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in (d or {}).items():
-        if key not in fields:
-            import difflib
-            hint = difflib.get_close_matches(key, list(fields), n=1)
-            raise ConfigError(f"unknown key {key!r} in {what}" + (f"; did you mean {hint[0]!r}?" if hint else ""))
-        sub = ({"data": DataConfig, "optim": OptimConfig, "mesh": MeshConfig, "quant": QuantOptions}.get(key)
-               if cls is TrainConfig else None)
-        kwargs[key] = _build(sub, value, f"{what}.{key}") if sub else value
-    return cls(**coerce_numbers(cls, kwargs, what))
-
-
 def load_run_config(path: str, overrides: tuple = ()) -> tuple[ModelConfig, TrainConfig]:
-    """Reads a run config YAML (model: + train:) and applies dotted key=value overrides."""
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
-    raw = {"model": dict(raw.get("model", {})), "train": dict(raw.get("train", {}))}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not key=value")
-        key, value = item.split("=", 1)
-        parts = key.split(".")
-        if parts[0] not in ("model", "train"):
-            parts = ["train"] + parts
-        node = raw
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(value)
-    return ModelConfig.from_dict(raw["model"], what=f"{path} model"), _build(TrainConfig, raw["train"], "train")
+    """Reads a run config YAML (model: + train:) and applies dotted key=value overrides (config.read_run_config)."""
+    raw = read_run_config(path, overrides)
+    return ModelConfig.from_dict(raw["model"], what=f"{path} model"), build(TrainConfig, raw["train"], "train")
 
 
 def make_train_step(model_cfg: ModelConfig, cfg: TrainConfig, lr_schedule: optax.Schedule):
     """step(model, opt, tokens [batch, seq+1], teacher=None) -> metrics. With a teacher (QAD) the loss is the
     logit KL to it alone; "loss" then reports the student's cross entropy for comparison."""
-    mtp_depth = model_cfg.mtp_depth if model_cfg.num_nextn_predict_layers else 0
+    mtp_depth = model_cfg.runtime.mtp_depth if model_cfg.num_nextn_predict_layers else 0
     has_moe = "E" in model_cfg.pattern
 
     def loss_fn(model, tokens):
@@ -214,7 +184,7 @@ class Trainer:
         from nemojax.convert.auto import load_model
         from nemojax.quant.qad import check_same_architecture
 
-        teacher = load_model(self.cfg.qad_teacher, dtype=self.model_cfg.param_dtype)
+        teacher = load_model(self.cfg.qad_teacher, dtype=self.model_cfg.runtime.param_dtype)
         check_same_architecture(self.model_cfg, teacher.config)
         # copies: the train step donates the student's buffers, which must not be the teacher's
         nnx.update(self.model, jax.tree.map(jnp.copy, nnx.state(teacher, PERSISTENT)))

@@ -1,6 +1,9 @@
 """Fused chunked SSD scan in Pallas: forward and backward, in two forms over the same chunk math.
 
-Layouts (head-major so every block is a 2-D tile; see reference.py for the contract):
+Contract, per batch row and head h (group g = h // (H // G)); the reference is nemojax/ssd/reference.py:
+    h_t = exp(l_t) * h_{t-1} + u_t (outer) B_t  (h: [P, N] fp32);  y_t = h_t @ C_t
+with u = dt * x (dt-scaled input) and l = dt * A (log decay).
+Layouts (head-major so every block is a 2-D tile):
     u [b, H, T, P], l as lcol [b, H, T, 1] and lrow [b, H, 1, T], B/C [b, G, T, N], states [b, H, P, N].
 Grouped B/C are read through the index map (head h reads group h // (H // G)): never repeated in memory.
 
