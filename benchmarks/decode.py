@@ -37,7 +37,7 @@ def nemojax_worker(ckpt: str, new: int) -> dict:
     from flax import nnx
 
     from nemojax import load_hf
-    from nemojax.generate import _decode_logits, _prefill, generate
+    from nemojax.generate import _decode_step, _prefill, generate
 
     model = load_hf(ckpt)
     graphdef, state = nnx.split(model)
@@ -45,11 +45,9 @@ def nemojax_worker(ckpt: str, new: int) -> dict:
     @functools.partial(jax.jit, static_argnames=("n",))
     def decode_steps(state, cache, tok, n):
         """n greedy decode steps from a prefilled cache (what one token costs at this context)."""
-        m = nnx.merge(graphdef, state)
-
         def body(_, carry):
             cache, tok = carry
-            logits, cache = _decode_logits(m, tok, cache)
+            logits, cache = _decode_step(graphdef, state, tok, cache)
             return cache, jnp.argmax(logits, -1).astype(jnp.int32)
 
         return jax.lax.fori_loop(0, n, body, (cache, tok))[1]

@@ -18,6 +18,7 @@ import typing
 from typing import Any, Literal, Mapping, Optional, Union
 
 import jax.numpy as jnp
+import yaml
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +75,9 @@ def check_choices(obj, section: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class RuntimeOptions:
-    """How the model is executed; none of it changes what the model computes (up to rounding) or its checkpoints."""
+    """How the model is executed: dtypes, implementations and conventions. None of it changes the checkpoint layout.
+    The implementations compute the same function up to rounding, except that moe_capacity_factor may drop
+    expert assignments and dt_clamp picks transformers' or NVIDIA's treatment of small dt."""
 
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"        # compute dtype
     param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -86,7 +89,8 @@ class RuntimeOptions:
     mtp_depth: int = 1                           # prediction depths trained/drafted by the MTP head
     remat: Literal["none", "block", "dots"] = "none"    # activation recomputation per block in training
     # "none": NVIDIA's reference (mamba_ssm, Megatron, vLLM): dt only limited by time_step_limit.
-    # "hf": transformers 5.x, which also clamps dt >= time_step_min on prompt (multi-token) forwards.
+    # "hf": transformers 5.x, which also clamps dt >= time_step_min on its chunked path (here TRAIN, PREFILL,
+    # EXTEND forwards; not DECODE or speculative VERIFY).
     dt_clamp: Literal["none", "hf"] = "none"
 
     def __post_init__(self):
@@ -159,8 +163,10 @@ class ModelConfig:
     runtime: RuntimeOptions = RuntimeOptions()
 
     def __post_init__(self):
-        if isinstance(self.time_step_limit, list):
+        try:                                      # YAML 1.1 reads [0, 1e-1] as [0, "1e-1"]
             object.__setattr__(self, "time_step_limit", tuple(float(v) for v in self.time_step_limit))
+        except (TypeError, ValueError):
+            raise ConfigError(f"time_step_limit must be two numbers (min, max), got {self.time_step_limit!r}") from None
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         self.validate()
@@ -246,19 +252,14 @@ class ModelConfig:
     # ------------------------------------------------------------------ construction
     def replace(self, **changes) -> "ModelConfig":
         """A copy with `changes`; runtime options may be named directly (cfg.replace(remat="block"))."""
-        return ModelConfig.from_dict({**self.to_dict(), **changes}, what="ModelConfig.replace")
+        return ModelConfig.from_dict(with_changes(self.to_dict(), changes, "ModelConfig.replace"),
+                                     what="ModelConfig.replace")
 
     @classmethod
     def from_dict(cls, d: Mapping, what: str = "model config") -> "ModelConfig":
         """From our own field names (YAML configs, saved checkpoints). Runtime options may also be given beside
         the architecture fields (`remat: block`) instead of in a `runtime:` section."""
-        if not isinstance(d, Mapping):
-            raise ConfigError(f"{what} must be a mapping, got {d!r}")
-        d = dict(d)
-        runtime = d.pop("runtime", None)
-        runtime = dict(runtime) if isinstance(runtime, Mapping) else dataclasses.asdict(runtime or RuntimeOptions())
-        runtime.update({key: d.pop(key) for key in RUNTIME_FIELDS & d.keys()})
-        return build(cls, {**d, "runtime": runtime}, what)
+        return build(cls, canonical(d, what), what)
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -271,7 +272,8 @@ class ModelConfig:
     def from_yaml(cls, path: str, **overrides) -> "ModelConfig":
         """Reads a YAML file; takes its `model:` section when present, so run configs can embed one."""
         data = read_yaml(path)
-        return cls.from_dict({**data.get("model", data), **overrides}, what=f"model config {path}")
+        what = f"model config {path}"
+        return cls.from_dict(with_changes(data.get("model", data), overrides, what), what=what)
 
     @classmethod
     def from_hf(cls, path: str, **overrides) -> "ModelConfig":
@@ -347,7 +349,7 @@ class ModelConfig:
             out["time_step_limit"] = tuple(_json_float(v) for v in out["time_step_limit"])
         else:
             out.pop("time_step_limit", None)
-        return cls.from_dict({**out, "runtime": runtime, **overrides}, what="config.json")
+        return cls.from_dict(with_changes({**out, "runtime": runtime}, overrides, "config.json"), what="config.json")
 
     def to_hf_dict(self) -> dict:
         """An HF `config.json` dict that transformers' NemotronHConfig (and NVIDIA's remote config) load."""
@@ -378,6 +380,31 @@ class ModelConfig:
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, "config.json"), "w") as f:
             json.dump(self.to_hf_dict(), f, indent=2, sort_keys=True, allow_nan=True)
+
+
+def canonical(d: Mapping, what: str) -> dict:
+    """A model config mapping with runtime options given beside the architecture fields moved into `runtime`;
+    the same option given both ways with different values is an error."""
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"{what} must be a mapping, got {d!r}")
+    d = dict(d)
+    runtime = d.pop("runtime", None)
+    runtime = dataclasses.asdict(runtime) if isinstance(runtime, RuntimeOptions) else runtime or {}
+    if not isinstance(runtime, Mapping):
+        raise ConfigError(f"{what}.runtime must be a mapping of runtime options, got {runtime!r}")
+    runtime = dict(runtime)
+    for key in sorted(RUNTIME_FIELDS & d.keys()):
+        value = d.pop(key)
+        if key in runtime and runtime[key] != value:
+            raise ConfigError(f"{what} gives {key} twice: {value!r} and runtime.{key} = {runtime[key]!r}")
+        runtime[key] = value
+    return {**d, "runtime": runtime}
+
+
+def with_changes(d: Mapping, changes: Mapping, what: str) -> dict:
+    """canonical(d) updated by `changes` (architecture fields, runtime options by name, or a runtime section)."""
+    d, changes = canonical(d, what), canonical(changes, what)
+    return {**d, **changes, "runtime": {**d["runtime"], **changes["runtime"]}}
 
 
 # Architecture fields HF config.json holds under the same name.
@@ -436,14 +463,16 @@ def build(cls, data: Mapping, what: str):
     if not isinstance(data, Mapping):
         raise ConfigError(f"{what} must be a mapping of field names to values, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
+    _check_known(data, [f.name for f in dataclasses.fields(cls)], f"key {{!r}} in {what}")
+    return cls(**{key: _convert(hints[key], value, f"{what}.{key}") for key, value in data.items()})
+
+
+def _check_known(keys, names, what: str) -> None:
+    """Raises for the first key not in names, suggesting the closest one; what: the message with {!r} for it."""
+    for key in keys:
         if key not in names:
             hint = difflib.get_close_matches(str(key), names, n=1)
-            raise ConfigError(f"unknown key {key!r} in {what}" + (f"; did you mean {hint[0]!r}?" if hint else ""))
-        kwargs[key] = _convert(hints[key], value, f"{what}.{key}")
-    return cls(**kwargs)
+            raise ConfigError(f"unknown {what.format(key)}" + (f"; did you mean {hint[0]!r}?" if hint else ""))
 
 
 def _convert(hint, value, what: str):
@@ -452,8 +481,8 @@ def _convert(hint, value, what: str):
         if value is None:
             return None
         hint = next(a for a in args if a is not type(None))
-    if dataclasses.is_dataclass(hint):
-        return value if isinstance(value, hint) else build(hint, value, what)
+    if dataclasses.is_dataclass(hint):               # an empty YAML section (`optim:`) means the defaults
+        return value if isinstance(value, hint) else build(hint, {} if value is None else value, what)
     if hint in (int, float, bool) and not (isinstance(value, bool) and hint is bool):
         try:
             if hint is bool:
@@ -471,8 +500,6 @@ def _convert(hint, value, what: str):
 
 
 def read_yaml(path: str) -> dict:
-    import yaml
-
     with open(path) as f:
         data = yaml.safe_load(f)
     if not isinstance(data, dict) or not data:
@@ -483,20 +510,18 @@ def read_yaml(path: str) -> dict:
 def read_run_config(path: str, overrides=(), sections=("model", "train")) -> dict:
     """{section: mapping} of a YAML run config with dotted `key=value` overrides applied (values parsed as
     YAML; a key without a section prefix belongs to the last section: `steps=10` is `train.steps=10`)."""
-    import yaml
-
     raw = read_yaml(path)
-    for key in raw:
-        if key not in sections:
-            hint = difflib.get_close_matches(str(key), sections, n=1)
-            raise ConfigError(f"unknown section {key!r} in {path}; expected {', '.join(sections)}"
-                              + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+    _check_known(raw, sections, f"section {{!r}} in {path} (sections: {', '.join(sections)})")
+    if isinstance(raw.get("model"), Mapping):    # runtime options in one place, so overrides of either form win
+        raw["model"] = canonical(raw["model"], f"{path} model")
     out = {s: dict(raw.get(s) or {}) for s in sections}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value")
         key, value = item.split("=", 1)
         parts = key.split(".")
+        if parts[0] == "model" and len(parts) == 2 and parts[1] in RUNTIME_FIELDS:
+            parts.insert(1, "runtime")
         node = out if parts[0] in sections else out[sections[-1]]
         for p in parts[:-1]:
             node = node.setdefault(p, {})

@@ -50,14 +50,18 @@ def sample(logits: jax.Array, key: jax.Array, temperature: float, top_k: int, to
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def _prefill_logits(model: NemotronH, ids, mask, max_len: int):
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_len"))
+def _prefill(graphdef, state, ids, mask, max_len):
     """Prompt ids [b, p] into a fresh cache of max_len positions -> (last position's logits [b, V], cache)."""
+    model = nnx.merge(graphdef, state)
     hidden, cache = model.forward(ids, mask=mask, cache=model.init_cache(ids.shape[0], max_len), mode=Mode.PREFILL)
     return model.logits(hidden[:, -1]), cache
 
 
-def _decode_logits(model: NemotronH, tokens, cache):
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _decode_step(graphdef, state, tokens, cache):
     """One token per row [b] continuing cache -> (logits [b, V], cache)."""
+    model = nnx.merge(graphdef, state)
     hidden, cache = model.forward(tokens[:, None], cache=cache, mode=Mode.DECODE)
     return model.logits(hidden[:, 0]), cache
 
@@ -65,9 +69,8 @@ def _decode_logits(model: NemotronH, tokens, cache):
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p",
                                              "stop_tokens", "pad_id"))
 def _generate(graphdef, state, ids, mask, key, *, max_new_tokens, temperature, top_k, top_p, stop_tokens, pad_id):
-    model = nnx.merge(graphdef, state)
     b, p = ids.shape
-    logits, cache = _prefill_logits(model, ids, mask, p + max_new_tokens)
+    logits, cache = _prefill(graphdef, state, ids, mask, p + max_new_tokens)
     key, sub = jax.random.split(key)
     first = sample(logits, sub, temperature, top_k, top_p)
     stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
@@ -80,7 +83,7 @@ def _generate(graphdef, state, ids, mask, key, *, max_new_tokens, temperature, t
 
     def body(carry):
         step, cache, out, done, key = carry
-        logits, cache = _decode_logits(model, out[:, step - 1], cache)
+        logits, cache = _decode_step(graphdef, state, out[:, step - 1], cache)
         key, sub = jax.random.split(key)
         tok = jnp.where(done, pad_id, sample(logits, sub, temperature, top_k, top_p))
         out = out.at[:, step].set(tok)
@@ -123,16 +126,6 @@ def generate(model: NemotronH, input_ids, max_new_tokens: int = 32, temperature:
                     max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
                     top_p=float(top_p), stop_tokens=tuple(int(t) for t in (stop_tokens or ())), pad_id=pad_id)
     return np.concatenate([ids, np.asarray(new)], axis=1)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_len"))
-def _prefill(graphdef, state, ids, mask, max_len):
-    return _prefill_logits(nnx.merge(graphdef, state), ids, mask, max_len)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _decode_step(graphdef, state, tokens, cache):
-    return _decode_logits(nnx.merge(graphdef, state), tokens, cache)
 
 
 def stream_generate(model: NemotronH, input_ids, max_new_tokens: int = 32, temperature: float = 0.0,

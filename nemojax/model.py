@@ -8,6 +8,7 @@ None for MLP and MoE layers.
 
 from __future__ import annotations
 
+import collections
 from typing import Optional
 
 import jax
@@ -49,7 +50,7 @@ class NemotronH(nnx.Module):
 
     def init_cache(self, batch: int, max_len: int) -> tuple:
         """Empty per-block inference caches for `batch` rows of up to `max_len` positions."""
-        return tuple(block.init_cache(batch, max_len, self.config.compute_dtype) for block in self.layers)
+        return tuple(block.mixer.init_cache(batch, max_len, self.config.compute_dtype) for block in self.layers)
 
     def forward(self, input_ids: jax.Array, *, mask: Optional[jax.Array] = None, cache: Optional[tuple] = None,
                 mode: Mode = Mode.TRAIN) -> tuple[jax.Array, Optional[tuple]]:
@@ -133,9 +134,7 @@ def count_params(model: nnx.Module) -> int:
 
 def cache_bytes(cache: tuple) -> dict:
     """Bytes held by each kind of layer cache, by type name (e.g. {'MambaState': ..., 'KVCache': ...})."""
-    out: dict = {}
-    for entry in cache:
-        if entry is not None:
-            nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(entry))
-            out[type(entry).__name__] = out.get(type(entry).__name__, 0) + nbytes
-    return out
+    out = collections.Counter()
+    for entry in filter(None, cache):
+        out[type(entry).__name__] += sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(entry))
+    return dict(out)

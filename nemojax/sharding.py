@@ -28,7 +28,8 @@ from jax.sharding import PartitionSpec as P
 
 AXES = ("data", "fsdp", "tensor", "expert")
 
-# logical axis -> mesh axes (None: replicated). One table for parameters, activations and inference caches.
+# logical axis -> mesh axes (None: replicated). One table for parameters, activations and the arrays of
+# inference caches (each cache type declares its LOGICAL_AXES; caches are not placed on a mesh yet).
 RULES = {
     # activations and caches; the residual stream is sharded over the batch only: tensor-parallel layers gather
     # it at their input and reduce at their output (Megatron's non-sequence-parallel layout)

@@ -56,6 +56,7 @@ def test_greedy_matches_transformers_ragged_batch(hf_case):
 
 @pytest.mark.parametrize("pattern", ["M*-M", "ME*E"])
 def test_incremental_decode_equals_full_forward(pattern):
+    """PREFILL of a prompt, EXTEND by a further chunk, then one-token DECODE steps give the full forward's logits."""
     cfg = TINY.replace(pattern=pattern, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                        moe_shared_expert_intermediate_size=32, chunk_size=16)
     model = NemotronH(cfg, nnx.Rngs(0))
@@ -63,13 +64,15 @@ def test_incremental_decode_equals_full_forward(pattern):
     full = np.asarray(model(ids))
     hidden, cache = model.forward(ids[:, :13], cache=model.init_cache(2, 40), mode=Mode.PREFILL)
     got = [np.asarray(model.logits(hidden))]
+    hidden, cache = model.forward(ids[:, 13:24], cache=cache, mode=Mode.EXTEND)
+    got.append(np.asarray(model.logits(hidden)))
 
     @nnx.jit
     def step(m, tok, c):
         hidden, c = m.forward(tok, cache=c, mode=Mode.DECODE)
         return m.logits(hidden), c
 
-    for t in range(13, 40):
+    for t in range(24, 40):
         logits, cache = step(model, ids[:, t:t + 1], cache)
         got.append(np.asarray(logits))
     got = np.concatenate(got, axis=1)

@@ -72,7 +72,7 @@ def test_causal_conv_matches_numpy_and_carries_prefix():
 
 def test_mamba_mixer_state_continuation():
     """A forward split in two, threading MambaState, equals the whole-sequence forward (the basis of decode);
-    so do one-token DECODE steps and the per-position states of a VERIFY pass."""
+    so do one-token DECODE steps and the per-position states of a VERIFY pass (EXTEND continues a state)."""
     mixer = Mamba2Mixer(TINY, nnx.Rngs(3))
     x = jax.random.normal(jax.random.key(4), (2, 50, TINY.hidden_size))
     empty = mixer.init_cache(2, 50, jnp.float32)
@@ -81,7 +81,7 @@ def test_mamba_mixer_state_continuation():
     full, state = mixer(x, cache=empty, mode=Mode.PREFILL)
     np.testing.assert_allclose(full, train, atol=1e-6)
     a, s1 = mixer(x[:, :29], cache=empty, mode=Mode.PREFILL)
-    b, s2 = mixer(x[:, 29:], cache=s1, mode=Mode.PREFILL)
+    b, s2 = mixer(x[:, 29:], cache=s1, mode=Mode.EXTEND)
     np.testing.assert_allclose(np.concatenate([a, b], 1), full, atol=1e-5)
     np.testing.assert_allclose(s2.ssm, state.ssm, atol=1e-5)
     steps, s = [], s1
@@ -92,7 +92,7 @@ def test_mamba_mixer_state_continuation():
     verified, states = mixer(x[:, 29:], cache=s1, mode=Mode.VERIFY)
     np.testing.assert_allclose(verified, full[:, 29:], atol=1e-5)
     for i in (0, 7, 20):    # rewinding to position 29 + i gives the state after that token
-        kept, (_, s_i) = states.rewind(None, i), mixer(x[:, 29:30 + i], cache=s1, mode=Mode.PREFILL)
+        kept, (_, s_i) = states.rewind(None, i), mixer(x[:, 29:30 + i], cache=s1, mode=Mode.EXTEND)
         for got, want in zip(kept, s_i):
             np.testing.assert_allclose(got, want, atol=1e-5)
 

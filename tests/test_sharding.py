@@ -1,10 +1,12 @@
-"""Sharded training on 8 simulated CPU devices equals the 1-device run; checkpoints move between meshes."""
+"""Every variable and cache array declares logical axes that map to valid mesh specs (and an undeclared one is
+refused); sharded training on 8 simulated CPU devices equals the 1-device run; checkpoints move between meshes."""
 
 import json
 import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -58,6 +60,22 @@ def test_every_variable_declares_logical_axes(kind):
     packed = NemotronH(cfg.replace(vocab_size=64, hidden_size=64), nnx.Rngs(0))
     pack_model(packed, PackSpec("int4", group=32))
     check_variables(packed, MESH)
+
+
+def test_inference_caches_declare_their_logical_axes():
+    cfg = TINY_MOE.replace(pattern="M*-E")
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: NemotronH(cfg, nnx.Rngs(0))))
+    cache = jax.eval_shape(lambda: nnx.merge(graphdef, state).init_cache(4, 32))
+    kinds = set()
+    for entry in cache:
+        if entry is None:
+            continue
+        kinds.add(type(entry).__name__)
+        for field in entry._fields:
+            axes = entry.LOGICAL_AXES[field]            # one name per dimension (logical_to_spec checks), batch first
+            spec = logical_to_spec(axes, getattr(entry, field).shape, MESH)
+            assert not axes or (axes[0] == "batch" and spec[0] == ("data", "fsdp")), (field, spec)
+    assert kinds == {"MambaState", "KVCache"}
 
 
 def test_published_latent_moe_config_shards_on_a_pod_mesh():

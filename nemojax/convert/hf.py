@@ -408,26 +408,20 @@ class StackedTensor(HFTensor):
 
 
 def _stack_experts(layout: list[HFTensor]) -> list[HFTensor]:
-    """Replaces each layer's per-expert tensors by one stacked tensor `...experts.{up,down}_proj`."""
-    out, groups = [], {}
+    """Replaces each layer's per-expert tensors by one stacked tensor `...experts.{up,down}_proj` [E, out, in],
+    at the place of its first expert."""
+    result, where = [], {}
     for t in layout:
-        m = re.match(r"^(.*\.experts)\.(\d+)\.(up_proj|down_proj)\.weight$", t.name)
+        m = re.match(r"^(.*\.experts)\.\d+\.(up_proj|down_proj)\.weight$", t.name)
         if not m:
-            out.append(t)
+            result.append(t)
             continue
-        name = f"{m.group(1)}.{m.group(3)}"
-        if name not in groups:
-            groups[name] = []
-            out.append(name)
-        groups[name].append(t)
-    result = []
-    for item in out:
-        if isinstance(item, str):
-            members = groups[item]
-            result.append(StackedTensor(item, (len(members),) + members[0].shape,
-                                        tuple(p for m in members for p in m.pieces)))
-        else:
-            result.append(item)
+        name = f"{m.group(1)}.{m.group(2)}"
+        if name not in where:
+            where[name] = len(result)
+            result.append(StackedTensor(name, (0,) + t.shape, ()))
+        stack = result[where[name]]
+        result[where[name]] = StackedTensor(name, (stack.shape[0] + 1,) + t.shape, stack.pieces + t.pieces)
     return result
 
 

@@ -25,8 +25,8 @@ class KVCache(NamedTuple):
     key_valid: jax.Array
     pos: jax.Array
 
-    AXES = {"k": ("batch", "kv_heads", "cache_seq", None), "v": ("batch", "kv_heads", "cache_seq", None),
-            "key_valid": ("batch", "cache_seq"), "pos": ()}
+    LOGICAL_AXES = {"k": ("batch", "kv_heads", "cache_seq", None), "v": ("batch", "kv_heads", "cache_seq", None),
+                    "key_valid": ("batch", "cache_seq"), "pos": ()}
 
     def rewind(self, pos, index=None) -> "KVCache":
         """Back to `pos` written positions; entries past it are rewritten before they are read again."""
@@ -122,7 +122,8 @@ class Attention(nnx.Module):
     q_proj [hidden, heads*hd], k/v_proj [hidden, kv*hd].
 
     Optional stability options (off for every published model): attn_qk_norm / attn_qkv_norm add per-head
-    RMSNorms (weights [head_dim]) on Q, K (and V) after the projection; attn_softcap caps the scores.
+    RMSNorms (weights [head_dim]) on Q, K (and V) after the projection (QKV-norm also removes the block's
+    pre-norm: `pre_norm`); attn_softcap caps the scores.
     """
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
@@ -139,6 +140,7 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(hd, eps, pd, "head_dim") if qk else None
         self.k_norm = RMSNorm(hd, eps, pd, "head_dim") if qk else None
         self.v_norm = RMSNorm(hd, eps, pd, "head_dim") if cfg.attn_qkv_norm else None
+        self.pre_norm = not cfg.attn_qkv_norm          # QKV-norm replaces the block's pre-norm
 
     def init_cache(self, batch: int, max_len: int, dtype) -> KVCache:
         shape = (batch, self.num_kv_heads, max_len, self.head_dim)
@@ -159,7 +161,7 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array, *, mask: Optional[jax.Array] = None, cache: Optional[KVCache] = None,
                  mode: Mode = Mode.TRAIN) -> tuple[jax.Array, Optional[KVCache]]:
         """mask [batch, seq] (1 = real token) masks padded keys. With a cache the t new tokens are written at
-        positions [pos, pos + t) (PREFILL: pos = 0, the cache must be empty) and attend to every valid cached
+        positions [pos, pos + t) (PREFILL: pos = 0, so the cache must be empty) and attend to every valid cached
         position up to their own."""
         b, t, _ = x.shape
         q, k, v = self.project_qkv(x)
@@ -182,7 +184,7 @@ class Attention(nnx.Module):
                         for c, new in ((cache.k, k), (cache.v, v)))
         if mode is Mode.PREFILL:                                 # blocked attention over the new keys
             out = gqa_attention(q, k, v, key_mask=new_valid, softcap=self.softcap)
-        elif mode is Mode.VERIFY:                                # new tokens continuing the cache
+        elif mode in (Mode.EXTEND, Mode.VERIFY):                # new tokens continuing the cache
             out = gqa_attention(q, k_all, v_all, key_mask=key_valid, q_positions=pos + jnp.arange(t),
                                 kv_heads_first=True, softcap=self.softcap)
         out = self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))

@@ -29,16 +29,13 @@ class Block(nnx.Module):
     def __init__(self, char: str, cfg: ModelConfig, rngs: nnx.Rngs, scope: str = "block"):
         self.kind = char
         self.scope = f"{scope}_{LAYER_KINDS[char].name}"
-        # QKV_norm (a stability option) moves the attention block's normalisation after the projections
-        skip_norm = char == "*" and cfg.attn_qkv_norm
-        self.norm = None if skip_norm else RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon, cfg.param_dtype)
         self.mixer = make_mixer(char, cfg, rngs)
+        # a mixer may normalise its own inputs instead (attention with the QKV-norm stability option)
+        pre_norm = getattr(self.mixer, "pre_norm", True)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon, cfg.param_dtype) if pre_norm else None
         self.compute_dtype = cfg.compute_dtype
         # HF keeps the residual stream in the activation dtype; residual_in_fp32 (NVIDIA's option) keeps fp32.
         self.residual_dtype = jnp.float32 if cfg.residual_in_fp32 else self.compute_dtype
-
-    def init_cache(self, batch: int, max_len: int, dtype):
-        return self.mixer.init_cache(batch, max_len, dtype)
 
     def __call__(self, h: jax.Array, *, mask: Optional[jax.Array] = None, cache=None, mode: Mode = Mode.TRAIN):
         """Returns (h', the mixer's new cache); the mixer gets the same arguments whatever its kind."""
@@ -64,7 +61,7 @@ def run_blocks(blocks: Sequence[Block], h: jax.Array, *, mask: Optional[jax.Arra
         saveable = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == "dots" else None
         call = nnx.remat(_call, policy=saveable, static_argnums=(4,))
     new = []
-    for block, cache in zip(blocks, caches if caches is not None else [None] * len(blocks)):
+    for block, cache in zip(blocks, caches if caches is not None else [None] * len(blocks), strict=True):
         h, cache = call(block, h, mask, cache, mode)
         h = constrain(h, RESIDUAL)
         new.append(cache)

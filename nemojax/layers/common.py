@@ -25,14 +25,16 @@ class Mode(enum.Enum):
     """What a forward pass is for.
 
     TRAIN    whole sequences without a cache (training, evaluation, scoring); MoE layers record router stats
-    PREFILL  prompt tokens written into the cache from its start: attention needs an empty cache (positions
-             from 0, attention over the new keys only); a Mamba state continues from the one given
+    PREFILL  a prompt written into an empty cache (positions from 0: attention over the new keys only)
+    EXTEND   several tokens continuing the cache (a prompt chunk after the first, a new turn): attention at the
+             cache's position, the chunked SSD from the Mamba state
     DECODE   one token per row continuing the cache
     VERIFY   several tokens continuing the cache, keeping the Mamba state after every one of them (speculative
              decoding rolls back to any); dt follows decode semantics
     """
     TRAIN = "train"
     PREFILL = "prefill"
+    EXTEND = "extend"
     DECODE = "decode"
     VERIFY = "verify"
 

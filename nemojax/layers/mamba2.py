@@ -32,8 +32,9 @@ class MambaState(NamedTuple):
     conv_C: jax.Array
     ssm: jax.Array
 
-    AXES = {"conv_x": ("batch", "conv_kernel", "mamba_heads"), "conv_B": ("batch", "conv_kernel", "ssm_groups"),
-            "conv_C": ("batch", "conv_kernel", "ssm_groups"), "ssm": ("batch", "mamba_heads", None, None)}
+    LOGICAL_AXES = {"conv_x": ("batch", "conv_kernel", "mamba_heads"),
+                    "conv_B": ("batch", "conv_kernel", "ssm_groups"), "conv_C": ("batch", "conv_kernel", "ssm_groups"),
+                    "ssm": ("batch", "mamba_heads", None, None)}
 
     def rewind(self, pos, index: Optional[jax.Array] = None) -> "MambaState":
         """The state after new token `index` of a VERIFY pass (a recurrent state cannot go back further)."""
@@ -115,11 +116,11 @@ class Mamba2Mixer(nnx.Module):
 
     def discretize_dt(self, dt_raw: jax.Array, mode: Mode) -> jax.Array:
         """dt = softplus(dt_raw + dt_bias) in fp32, limited by time_step_limit; with dt_clamp='hf' also floored
-        at time_step_min on TRAIN and PREFILL forwards, as transformers 5.x does on its chunked (non-step) path."""
+        at time_step_min on TRAIN, PREFILL and EXTEND forwards, as transformers 5.x does on its chunked path."""
         cfg = self.cfg
         dt = jax.nn.softplus(dt_raw.astype(F32) + self.dt_bias[...].astype(F32))
         lo, hi = cfg.time_step_limit
-        if mode in (Mode.TRAIN, Mode.PREFILL) and cfg.runtime.dt_clamp == "hf":
+        if mode in (Mode.TRAIN, Mode.PREFILL, Mode.EXTEND) and cfg.runtime.dt_clamp == "hf":
             lo = max(lo, cfg.time_step_min)
         if lo > 0.0 or hi != math.inf:
             dt = jnp.clip(dt, lo, hi)
@@ -138,7 +139,7 @@ class Mamba2Mixer(nnx.Module):
         z = self.in_proj_z(x)
         convs = (self.conv_x, self.conv_B, self.conv_C)
         inputs = (self.in_proj_x(x), self.in_proj_B(x), self.in_proj_C(x))
-        prefixes = (None,) * 3 if cache is None else tuple(cache[:3])
+        prefixes = (None,) * 3 if cache is None else (cache.conv_x, cache.conv_B, cache.conv_C)
         convolved = [conv(a, prefix) for conv, a, prefix in zip(convs, inputs, prefixes)]  # (out, new prefix)
         xs, B, C = (jax.nn.silu(out) if keep is None else jax.nn.silu(out) * keep.astype(F32) for out, _ in convolved)
         dt = self.discretize_dt(self.in_proj_dt(x), mode)
@@ -152,7 +153,7 @@ class Mamba2Mixer(nnx.Module):
             y = y[:, None]
         elif mode is Mode.VERIFY:           # the state after every position, to roll back rejected drafts
             y, state = ssd.ssd(x4, dt, A, B4, C4, D, cache.ssm, impl="naive", return_all_states=True)
-        else:
+        else:                               # TRAIN, PREFILL, EXTEND
             y, state = ssd.ssd(x4, dt, A, B4, C4, D, None if cache is None else cache.ssm,
                                impl=cfg.runtime.ssd_impl, chunk_size=cfg.runtime.chunk_size)
         y = self.norm(y.reshape(b, t, h * p), z)                          # fp32

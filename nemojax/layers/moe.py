@@ -128,9 +128,9 @@ def experts_capacity(x, up, down, routing: Routing, capacity_factor: Optional[fl
 
 
 def resolve_impl(impl: str) -> str:
-    if impl != "auto":
-        return impl
-    return "capacity" if jax.default_backend() == "cpu" else "ragged"
+    if impl not in ("auto", "ragged", "capacity", "dense"):
+        raise ValueError(f"unknown moe_impl {impl!r}")
+    return impl if impl != "auto" else "capacity" if jax.default_backend() == "cpu" else "ragged"
 
 
 class MoE(nnx.Module):
@@ -172,16 +172,10 @@ class MoE(nnx.Module):
             self._record_stats(routing)
         h = flat if self.fc1_latent_proj is None else self.fc1_latent_proj(flat)
         up, down = self.up_proj[...].astype(compute), self.down_proj[...].astype(compute)
-        impl = resolve_impl(impl or cfg.runtime.moe_impl)
-        if impl == "dense":
-            y = experts_dense(h, up, down, routing)
-        elif impl == "ragged":
-            y = experts_ragged(h, up, down, routing)
-        elif impl == "capacity":
-            y = experts_capacity(h, up, down, routing, cfg.runtime.moe_capacity_factor)
-        else:
-            raise ValueError(f"unknown moe_impl {impl!r}")
-        y = y.astype(compute)                                  # fp32 accumulation, cast before fc2 (as HF)
+        experts = {"dense": experts_dense, "ragged": experts_ragged,
+                   "capacity": lambda *a: experts_capacity(*a, cfg.runtime.moe_capacity_factor)}
+        # fp32 accumulation, cast before fc2 (as HF)
+        y = experts[resolve_impl(impl or cfg.runtime.moe_impl)](h, up, down, routing).astype(compute)
         if self.fc2_latent_proj is not None:
             y = self.fc2_latent_proj(y)
         return (y + self.shared_experts.ffn(flat)).reshape(shape), None

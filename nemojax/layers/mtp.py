@@ -34,7 +34,7 @@ class MTPBlock(nnx.Module):
         self.final_layernorm = RMSNorm(d, eps, pd)
 
     def init_cache(self, batch: int, max_len: int, dtype) -> tuple:
-        return tuple(block.init_cache(batch, max_len, dtype) for block in self.layers)
+        return tuple(block.mixer.init_cache(batch, max_len, dtype) for block in self.layers)
 
     def __call__(self, hidden: jax.Array, next_embeds: jax.Array, *, mask: Optional[jax.Array] = None,
                  cache: Optional[tuple] = None, mode: Mode = Mode.TRAIN) -> tuple[jax.Array, Optional[tuple]]:

@@ -63,10 +63,13 @@ def ssd(x: Array, dt: Array, A: Array, B: Array, C: Array, D: Optional[Array] = 
         **options) -> tuple[Array, Array]:
     """(y [b, t, h, p] fp32, final state [b, h, p, n] fp32) by the implementation `impl` (IMPLS). The chunked
     implementations see a sequence padded to a whole number of chunks with dt = 0 (decay 1, no input), which
-    leaves the final state unchanged; y is cropped back. options go to the implementation."""
+    leaves the final state unchanged; y is cropped back. options go to the implementation (naive:
+    return_all_states=True returns the state after every token [b, t, h, p, n] instead of the final one)."""
     check_shapes(x, dt, A, B, C)
     if impl not in IMPLS:
         raise ValueError(f"unknown ssd impl {impl!r}; expected one of {sorted(IMPLS)}")
+    if options.get("return_all_states") and impl != "naive":
+        raise ValueError(f"return_all_states is implemented by impl='naive' only, not {impl!r}")
     b, t, h, p = x.shape
     n = B.shape[-1]
     if initial_state is None:

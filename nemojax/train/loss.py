@@ -88,7 +88,7 @@ def update_expert_bias(model, rate: float) -> None:
     """Aux-loss-free balancing (DeepSeek-V3, used by Nemotron 3): after a step, raise the correction bias of
     under-loaded experts and lower it for over-loaded ones by `rate` * sign(mean load - load), from the router
     load each MoE layer recorded in the last TRAIN forward."""
-    biases, loads = nnx.state(model, ExpertBias).flat_state(), dict(nnx.state(model, RouterLoad).flat_state())
-    for path, bias in biases:
-        load = loads[path[:-1] + ("router_load",)][...]
-        bias[...] = bias[...] + rate * jnp.sign(load.mean() - load)
+    biases, loads = nnx.state(model, ExpertBias).flat_state(), nnx.state(model, RouterLoad).flat_state()
+    for (bias_path, bias), (load_path, load) in zip(biases, loads, strict=True):
+        assert bias_path[:-1] == load_path[:-1], (bias_path, load_path)     # one of each per MoE layer
+        bias[...] = bias[...] + rate * jnp.sign(load[...].mean() - load[...])

@@ -78,11 +78,10 @@ def make_train_step(model_cfg: ModelConfig, cfg: TrainConfig, lr_schedule: optax
     """step(model, opt, tokens [batch, seq+1], teacher=None) -> metrics. With a teacher (QAD) the loss is the
     logit KL to it alone; "loss" then reports the student's cross entropy for comparison."""
     mtp_depth = model_cfg.runtime.mtp_depth if model_cfg.num_nextn_predict_layers else 0
-    has_moe = "E" in model_cfg.pattern
 
     def loss_fn(model, tokens):
         main, mtp = lm_and_mtp_losses(model, tokens, depth=mtp_depth, chunk_tokens=cfg.loss_chunk_tokens)
-        total = main + cfg.mtp_loss_weight * sum(mtp) + (moe_aux_loss(model) if has_moe else 0.0)
+        total = main + cfg.mtp_loss_weight * sum(mtp) + moe_aux_loss(model)       # 0 without MoE layers
         return total, (main, mtp)
 
     def qad_loss_fn(model, tokens, teacher):
@@ -104,8 +103,8 @@ def make_train_step(model_cfg: ModelConfig, cfg: TrainConfig, lr_schedule: optax
             else:
                 (loss, (main, mtp)), grads = nnx.value_and_grad(qad_loss_fn, has_aux=True)(model, tokens, teacher)
         opt.update(model, grads)
-        if has_moe and cfg.moe_bias_update_rate:
-            update_expert_bias(model, cfg.moe_bias_update_rate)
+        if cfg.moe_bias_update_rate:
+            update_expert_bias(model, cfg.moe_bias_update_rate)          # no-op without MoE layers
         metrics = {"loss": main, ("kl_loss" if teacher is not None else "total_loss"): loss,
                    "grad_norm": optax.tree.norm(grads),
                    "lr": lr_schedule(opt.step[...] - 1)}
