@@ -1,18 +1,28 @@
 """Command line: `nemojax train`, `nemojax generate`, `nemojax convert hf-to-orbax|orbax-to-hf SRC DST`,
-`nemojax info`, `nemojax demo`."""
+`nemojax pack`, `nemojax info`, `nemojax demo`. The training stack is imported only by `train`."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nemojax.config import LAYER_KINDS, ModelConfig
 from nemojax.convert.auto import load_model
+from nemojax.convert.hf import param_count
+from nemojax.convert.orbax import copy_tokenizer_files, hf_to_orbax, orbax_to_hf, save_packed
+from nemojax.generate import stream_generate
+from nemojax.model import NemotronH, count_params, make_forward
+from nemojax.quant.pack import PackSpec, pack_model, weight_bytes
+from nemojax.tokenizer import load_tokenizer
 
 
 def _cmd_convert(args) -> int:
-    from nemojax.convert.orbax import hf_to_orbax, orbax_to_hf
-
     if args.direction == "hf-to-orbax":
         hf_to_orbax(args.src, args.dst, dtype=args.dtype or "float32", force=args.force, dt_clamp=args.dt_clamp)
     else:
@@ -22,19 +32,12 @@ def _cmd_convert(args) -> int:
 
 
 def _load_config(path: str):
-    import os
-
-    from nemojax.config import ModelConfig
-
     if os.path.isdir(path):
         return ModelConfig.from_hf(path)
     return ModelConfig.from_yaml(path)
 
 
 def _cmd_info(args) -> int:
-    from nemojax.config import LAYER_KINDS
-    from nemojax.convert.hf import param_count
-
     cfg = _load_config(args.config)
     counts = ", ".join(f"{kind.name} {cfg.pattern.count(c)}" for c, kind in LAYER_KINDS.items())
     print(f"layers: {cfg.num_layers}  ({counts})")
@@ -46,12 +49,6 @@ def _cmd_info(args) -> int:
 
 def _cmd_demo(args) -> int:
     """Builds the tiny model, runs a jitted forward pass and prints parameter counts and timing."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from nemojax.model import NemotronH, count_params, make_forward
-
     cfg = _load_config(args.config)
     model = NemotronH(cfg, nnx.Rngs(0))
     print(f"nemojax demo: {args.config}: pattern {cfg.pattern!r}, {count_params(model):,} parameters "
@@ -71,9 +68,6 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    from nemojax.generate import stream_generate
-    from nemojax.tokenizer import load_tokenizer
-
     model = load_model(args.model, args.dtype)
     cfg = model.config
     tok = load_tokenizer(args.model, cfg.bos_token_id, cfg.stop_token_ids[0] if cfg.stop_token_ids else None)
@@ -106,9 +100,6 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_pack(args) -> int:
-    from nemojax.convert.orbax import copy_tokenizer_files, save_packed
-    from nemojax.quant.pack import PackSpec, pack_model, weight_bytes
-
     model = load_model(args.src)
     before = weight_bytes(model)
     spec = PackSpec(args.format, args.group, embeddings=not args.keep_embeddings, lm_head=not args.keep_lm_head)

@@ -164,6 +164,8 @@ class ModelConfig:
 
     def __post_init__(self):
         try:                                      # YAML 1.1 reads [0, 1e-1] as [0, "1e-1"]
+            if isinstance(self.time_step_limit, str):
+                raise TypeError
             object.__setattr__(self, "time_step_limit", tuple(float(v) for v in self.time_step_limit))
         except (TypeError, ValueError):
             raise ConfigError(f"time_step_limit must be two numbers (min, max), got {self.time_step_limit!r}") from None
@@ -273,7 +275,7 @@ class ModelConfig:
         """Reads a YAML file; takes its `model:` section when present, so run configs can embed one."""
         data = read_yaml(path)
         what = f"model config {path}"
-        return cls.from_dict(with_changes(data.get("model", data), overrides, what), what=what)
+        return cls.from_dict(with_changes(data.get("model", data) or {}, overrides, what), what=what)
 
     @classmethod
     def from_hf(cls, path: str, **overrides) -> "ModelConfig":
@@ -293,8 +295,10 @@ class ModelConfig:
         """Maps an HF NemotronHConfig dict (new or legacy keys) to ModelConfig.
 
         dt_clamp defaults to "hf" so a converted checkpoint reproduces transformers' logits; pass "none" for
-        NVIDIA's reference behaviour. Keys that HF writes but the forward does not use are ignored; keys we
-        do not recognise at all are logged, not fatal, because HF adds generic keys from release to release.
+        NVIDIA's reference behaviour. overrides: fields or runtime options by name, or runtime= (a mapping is
+        merged, a RuntimeOptions replaces every runtime option). Keys that HF writes but the forward does not use
+        are ignored; keys we do not recognise are logged, not fatal, as HF adds generic keys from release to
+        release.
         """
         hf = dict(hf)
         model_type = hf.get("model_type")
@@ -382,9 +386,9 @@ class ModelConfig:
             json.dump(self.to_hf_dict(), f, indent=2, sort_keys=True, allow_nan=True)
 
 
-def canonical(d: Mapping, what: str) -> dict:
-    """A model config mapping with runtime options given beside the architecture fields moved into `runtime`;
-    the same option given both ways with different values is an error."""
+def canonical(d: Mapping, what: str, strict: bool = True) -> dict:
+    """A model config mapping with runtime options given beside the architecture fields moved into `runtime`.
+    The same option given both ways with different values is an error when strict, else the flat one wins."""
     if not isinstance(d, Mapping):
         raise ConfigError(f"{what} must be a mapping, got {d!r}")
     d = dict(d)
@@ -395,15 +399,19 @@ def canonical(d: Mapping, what: str) -> dict:
     runtime = dict(runtime)
     for key in sorted(RUNTIME_FIELDS & d.keys()):
         value = d.pop(key)
-        if key in runtime and runtime[key] != value:
+        if strict and key in runtime and runtime[key] != value:
             raise ConfigError(f"{what} gives {key} twice: {value!r} and runtime.{key} = {runtime[key]!r}")
         runtime[key] = value
     return {**d, "runtime": runtime}
 
 
 def with_changes(d: Mapping, changes: Mapping, what: str) -> dict:
-    """canonical(d) updated by `changes` (architecture fields, runtime options by name, or a runtime section)."""
-    d, changes = canonical(d, what), canonical(changes, what)
+    """canonical(d) updated by `changes`: architecture fields, runtime options by name, and a `runtime` mapping
+    (merged) or RuntimeOptions (replacing d's); options by name win over the changes' own runtime."""
+    d = canonical(d, what)
+    if isinstance(changes.get("runtime"), RuntimeOptions):
+        d["runtime"] = {}
+    changes = canonical(changes, what, strict=False)
     return {**d, **changes, "runtime": {**d["runtime"], **changes["runtime"]}}
 
 
@@ -463,16 +471,16 @@ def build(cls, data: Mapping, what: str):
     if not isinstance(data, Mapping):
         raise ConfigError(f"{what} must be a mapping of field names to values, got {data!r}")
     hints = typing.get_type_hints(cls)
-    _check_known(data, [f.name for f in dataclasses.fields(cls)], f"key {{!r}} in {what}")
+    _check_known(data, [f.name for f in dataclasses.fields(cls)], "key", what)
     return cls(**{key: _convert(hints[key], value, f"{what}.{key}") for key, value in data.items()})
 
 
-def _check_known(keys, names, what: str) -> None:
-    """Raises for the first key not in names, suggesting the closest one; what: the message with {!r} for it."""
+def _check_known(keys, names, kind: str, where: str) -> None:
+    """Raises for the first key not in names, naming the closest one."""
     for key in keys:
         if key not in names:
             hint = difflib.get_close_matches(str(key), names, n=1)
-            raise ConfigError(f"unknown {what.format(key)}" + (f"; did you mean {hint[0]!r}?" if hint else ""))
+            raise ConfigError(f"unknown {kind} {key!r} in {where}" + (f"; did you mean {hint[0]!r}?" if hint else ""))
 
 
 def _convert(hint, value, what: str):
@@ -511,7 +519,7 @@ def read_run_config(path: str, overrides=(), sections=("model", "train")) -> dic
     """{section: mapping} of a YAML run config with dotted `key=value` overrides applied (values parsed as
     YAML; a key without a section prefix belongs to the last section: `steps=10` is `train.steps=10`)."""
     raw = read_yaml(path)
-    _check_known(raw, sections, f"section {{!r}} in {path} (sections: {', '.join(sections)})")
+    _check_known(raw, sections, "section", f"{path} (sections: {', '.join(sections)})")
     if isinstance(raw.get("model"), Mapping):    # runtime options in one place, so overrides of either form win
         raw["model"] = canonical(raw["model"], f"{path} model")
     out = {s: dict(raw.get(s) or {}) for s in sections}
@@ -524,7 +532,9 @@ def read_run_config(path: str, overrides=(), sections=("model", "train")) -> dic
             parts.insert(1, "runtime")
         node = out if parts[0] in sections else out[sections[-1]]
         for p in parts[:-1]:
-            node = node.setdefault(p, {})
+            if node.get(p) is None:                        # absent, or an empty YAML section
+                node[p] = {}
+            node = node[p]
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {p!r} is a value, not a section")
         node[parts[-1]] = yaml.safe_load(value)

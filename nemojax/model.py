@@ -135,6 +135,6 @@ def count_params(model: nnx.Module) -> int:
 def cache_bytes(cache: tuple) -> dict:
     """Bytes held by each kind of layer cache, by type name (e.g. {'MambaState': ..., 'KVCache': ...})."""
     out = collections.Counter()
-    for entry in filter(None, cache):
+    for entry in (e for e in cache if e is not None):
         out[type(entry).__name__] += sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(entry))
     return dict(out)

@@ -64,7 +64,7 @@ def test_incremental_decode_equals_full_forward(pattern):
     full = np.asarray(model(ids))
     hidden, cache = model.forward(ids[:, :13], cache=model.init_cache(2, 40), mode=Mode.PREFILL)
     got = [np.asarray(model.logits(hidden))]
-    hidden, cache = model.forward(ids[:, 13:24], cache=cache, mode=Mode.EXTEND)
+    hidden, cache = model.forward(ids[:, 13:33], cache=cache, mode=Mode.EXTEND)       # two SSD chunks, from a state
     got.append(np.asarray(model.logits(hidden)))
 
     @nnx.jit
@@ -72,12 +72,36 @@ def test_incremental_decode_equals_full_forward(pattern):
         hidden, c = m.forward(tok, cache=c, mode=Mode.DECODE)
         return m.logits(hidden), c
 
-    for t in range(24, 40):
+    for t in range(33, 40):
         logits, cache = step(model, ids[:, t:t + 1], cache)
         got.append(np.asarray(logits))
     got = np.concatenate(got, axis=1)
     scale = np.abs(full).max()
     assert np.abs(got - full).max() <= 1e-4 * scale, np.abs(got - full).max() / scale
+
+
+def test_ragged_prompts_prefill_extend_and_decode_like_each_row_alone():
+    """Left-padded prompts of different lengths (PREFILL with a mask), then an EXTEND chunk and DECODE steps: each
+    row's logits equal its own unpadded full forward."""
+    cfg = TINY.replace(pattern="M*EM", n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                       moe_shared_expert_intermediate_size=32, chunk_size=8)
+    model = NemotronH(cfg, nnx.Rngs(3))
+    rng = np.random.default_rng(7)
+    prompts = [list(rng.integers(3, cfg.vocab_size, n)) for n in (9, 4)]
+    more = rng.integers(3, cfg.vocab_size, (2, 12)).astype(np.int32)
+    ids, mask = left_pad(prompts)
+    hidden, cache = model.forward(jnp.asarray(ids), mask=jnp.asarray(mask), cache=model.init_cache(2, 24),
+                                  mode=Mode.PREFILL)
+    got = [model.logits(hidden[:, -1:])]
+    hidden, cache = model.forward(jnp.asarray(more[:, :10]), cache=cache, mode=Mode.EXTEND)
+    got.append(model.logits(hidden))
+    for t in (10, 11):
+        hidden, cache = model.forward(jnp.asarray(more[:, t:t + 1]), cache=cache, mode=Mode.DECODE)
+        got.append(model.logits(hidden))
+    got = np.concatenate(got, axis=1)                                  # positions: prompt end, then 12 more
+    for row, prompt in enumerate(prompts):
+        full = np.asarray(model(jnp.asarray([prompt + list(more[row])], jnp.int32)))[0, len(prompt) - 1:]
+        np.testing.assert_allclose(got[row], full, atol=1e-4 * np.abs(full).max())
 
 
 def test_cache_sizes():

@@ -73,6 +73,8 @@ def test_each_part_imports_only_the_parts_below_it():
 class ShiftCache(NamedTuple):
     last: jax.Array                      # [batch, 1, hidden]: the previous token's input
 
+    LOGICAL_AXES = {"last": ("batch", None, "act_embed")}
+
 
 class ShiftMixer(nnx.Module):
     """A toy stateful layer kind, y_t = (x_t + x_{t-1}) @ W, written against the mixer interface only."""

@@ -48,8 +48,9 @@ def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: Optional[j
     in the key axis (default: the queries are the last q_len keys). Returns [batch, q_len, heads, head_dim]
     in q's dtype. K/V heads are never repeated: queries are viewed as [kv_heads, heads_per_kv].
 
-    With default positions, queries are processed in blocks of `query_block` that only see the keys up to
-    the block's end: this skips the masked upper triangle and keeps the fp32 score block in cache.
+    Queries are processed in blocks of `query_block`, so scores exist for one block at a time. With default
+    positions a block only sees the keys up to its end (the masked upper triangle is skipped); with q_positions
+    each block scores every key.
 
     kv_heads_first: k, v are given as [batch, kv_heads, kv_len, head_dim] (the KV cache layout), which avoids
     transposing the whole cache at every decode step. softcap > 0 caps scores at c * tanh(scores / c).
@@ -79,18 +80,16 @@ def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: Optional[j
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         return jnp.einsum("bkrts,bksd->bkrtd", probs, vh[:, :, :key_stop], preferred_element_type=F32)
 
-    if q_positions is None:
-        offset = s - t
-        outs = []
-        for start in range(0, t, query_block):
-            stop = min(t, start + query_block)
-            causal = (jnp.arange(start, stop)[:, None] + offset) >= jnp.arange(offset + stop)[None, :]
-            outs.append(attend(qh[:, :, :, start:stop], offset + stop, causal))
-        out = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
-    else:
-        pos = jnp.broadcast_to(q_positions, (b, t))
-        causal = pos[:, None, None, :, None] >= jnp.arange(s)
-        out = attend(qh, s, causal)
+    pos = None if q_positions is None else jnp.broadcast_to(q_positions, (b, t))
+    outs = []
+    for start in range(0, t, query_block):
+        stop = min(t, start + query_block)
+        if pos is None:           # the queries are the last t keys: a block sees keys up to its own end
+            causal = (jnp.arange(start, stop)[:, None] + s - t) >= jnp.arange(s - t + stop)[None, :]
+            outs.append(attend(qh[:, :, :, start:stop], s - t + stop, causal))
+        else:                     # positions known at run time only: every key, masked by position
+            outs.append(attend(qh[:, :, :, start:stop], s, pos[:, None, None, start:stop, None] >= jnp.arange(s)))
+    out = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd).astype(q.dtype)
 
 

@@ -4,8 +4,9 @@ weight's logical axes (sharding.py maps them to the mesh; a weight without axes 
 The mixer interface (Mamba-2, attention, MLP, MoE; layers/block.py passes every mixer the same arguments):
     __call__(x [batch, t, hidden], *, mask [batch, t] or None (1 = real token), cache, mode) -> (y, new cache)
     init_cache(batch, max_len, dtype) -> the mixer's empty inference cache (None for stateless mixers)
-Caches are pytrees that carry what their mixer needs to continue (KV caches their own write position), and
-offer `rewind(pos, index)` for speculative decoding.
+Caches are pytrees that carry what their mixer needs to continue (KV caches their own write position), declare
+the logical axes of their arrays (LOGICAL_AXES) and offer `rewind(pos, index)` for speculative decoding. A mixer
+that normalises its own inputs sets `pre_norm = False`; the block then adds no pre-norm.
 """
 
 from __future__ import annotations

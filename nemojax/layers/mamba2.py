@@ -139,7 +139,8 @@ class Mamba2Mixer(nnx.Module):
         z = self.in_proj_z(x)
         convs = (self.conv_x, self.conv_B, self.conv_C)
         inputs = (self.in_proj_x(x), self.in_proj_B(x), self.in_proj_C(x))
-        prefixes = (None,) * 3 if cache is None else (cache.conv_x, cache.conv_B, cache.conv_C)
+        fresh = cache is None or mode is Mode.PREFILL              # PREFILL starts from zero whatever the cache held
+        prefixes = (None,) * 3 if fresh else (cache.conv_x, cache.conv_B, cache.conv_C)
         convolved = [conv(a, prefix) for conv, a, prefix in zip(convs, inputs, prefixes)]  # (out, new prefix)
         xs, B, C = (jax.nn.silu(out) if keep is None else jax.nn.silu(out) * keep.astype(F32) for out, _ in convolved)
         dt = self.discretize_dt(self.in_proj_dt(x), mode)
@@ -154,7 +155,7 @@ class Mamba2Mixer(nnx.Module):
         elif mode is Mode.VERIFY:           # the state after every position, to roll back rejected drafts
             y, state = ssd.ssd(x4, dt, A, B4, C4, D, cache.ssm, impl="naive", return_all_states=True)
         else:                               # TRAIN, PREFILL, EXTEND
-            y, state = ssd.ssd(x4, dt, A, B4, C4, D, None if cache is None else cache.ssm,
+            y, state = ssd.ssd(x4, dt, A, B4, C4, D, None if fresh else cache.ssm,
                                impl=cfg.runtime.ssd_impl, chunk_size=cfg.runtime.chunk_size)
         y = self.norm(y.reshape(b, t, h * p), z)                          # fp32
         out = self.out_proj(y.astype(cfg.compute_dtype))
