@@ -17,9 +17,10 @@ $(VENV)/.installed: $(PY) pyproject.toml
 	$(PIP) install -q -e .
 	touch $@
 
+# tpu: libtpu (~200 MB), so the tests compile the kernels for real TPUs ahead of time on this host
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(PIP) install -q $(TORCH_CPU)
-	$(PIP) install -q -e ".[dev,hf]"
+	$(PIP) install -q -e ".[dev,hf,tpu]"
 	touch $@
 
 demo: $(VENV)/.installed

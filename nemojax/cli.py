@@ -17,6 +17,7 @@ from nemojax.convert.auto import load_model
 from nemojax.convert.hf import param_count
 from nemojax.convert.orbax import copy_tokenizer_files, hf_to_orbax, orbax_to_hf, save_packed
 from nemojax.generate import stream_generate
+from nemojax.host_allocator import accelerator_visible
 from nemojax.model import NemotronH, count_params, make_forward
 from nemojax.quant.pack import PackSpec, pack_model, weight_bytes
 from nemojax.tokenizer import load_tokenizer
@@ -193,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if not os.environ.get("JAX_PLATFORMS") and not accelerator_visible():
+        jax.config.update("jax_platforms", "cpu")      # e.g. libtpu installed on a host without TPUs
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as e:

@@ -18,9 +18,11 @@ MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1844674407370955161
 from __future__ import annotations
 
 import ctypes
+import glob
 import importlib.metadata
 import importlib.util
 import os
+import pathlib
 import platform
 
 # mallopt parameter numbers from glibc's malloc.h
@@ -28,20 +30,33 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 
-_ACCELERATOR_MODULES = ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
-                        "jax_rocm7_plugin")
+# plugin module -> whether its hardware is visible, the way JAX itself looks (PCI ids of TPU chips, device files)
+_TPU_PCI_IDS = ("0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076")
+_ACCELERATOR_MODULES = {
+    "libtpu": lambda: any(pathlib.Path(v).read_text().strip() == "0x1ae0"
+                          and pathlib.Path(v).with_name("device").read_text().strip() in _TPU_PCI_IDS
+                          for v in glob.glob("/sys/bus/pci/devices/*/vendor")),
+    **dict.fromkeys(("jax_cuda12_plugin", "jax_cuda13_plugin"),
+                    lambda: any(os.path.exists(d) for d in ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg"))),
+    **dict.fromkeys(("jax_rocm60_plugin", "jax_rocm7_plugin"), lambda: os.path.exists("/dev/kfd")),
+}
 
 _applied = False
+
+
+def accelerator_visible() -> bool:
+    """Whether an installed JAX accelerator plugin has its hardware on this host (other plugins count as
+    accelerators), decided without importing JAX."""
+    if any(importlib.util.find_spec(name) is not None and visible() for name, visible in _ACCELERATOR_MODULES.items()):
+        return True
+    return any(ep.value.split(".")[0].split(":")[0] not in _ACCELERATOR_MODULES
+               for ep in importlib.metadata.entry_points(group="jax_plugins"))
 
 
 def _jax_runs_on_cpu() -> bool:
     """Whether JAX's default backend will be the CPU, decided without initialising any backend."""
     requested = os.environ.get("JAX_PLATFORMS", "").strip().lower()
-    if requested:
-        return requested.split(",")[0] == "cpu"
-    if any(importlib.util.find_spec(name) is not None for name in _ACCELERATOR_MODULES):
-        return False
-    return not importlib.metadata.entry_points(group="jax_plugins")
+    return requested.split(",")[0] == "cpu" if requested else not accelerator_visible()
 
 
 def tune_host_allocator(force: bool = False) -> bool:

@@ -54,3 +54,16 @@ def test_import_tunes_malloc_so_large_buffers_are_reused():
 
 def test_not_applied_for_accelerator_backends():
     assert not _probe(JAX_PLATFORMS="cuda")["applied"]
+
+
+def test_an_installed_plugin_counts_only_with_its_hardware(monkeypatch):
+    """libtpu installed on a host without TPU chips (as the test venv has it) still means a CPU run."""
+    from nemojax import host_allocator
+
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    monkeypatch.setattr(host_allocator, "_ACCELERATOR_MODULES", {"json": lambda: False})   # an importable stand-in
+    assert not host_allocator.accelerator_visible() and host_allocator._jax_runs_on_cpu()
+    monkeypatch.setattr(host_allocator, "_ACCELERATOR_MODULES", {"json": lambda: True})
+    assert host_allocator.accelerator_visible() and not host_allocator._jax_runs_on_cpu()
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert host_allocator._jax_runs_on_cpu()

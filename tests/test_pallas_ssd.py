@@ -67,3 +67,47 @@ def test_model_with_pallas_ssd_matches_xla():
     pallas = NemotronH(cfg.replace(ssd_impl="pallas"), nnx.Rngs(0))
     want, got = np.asarray(xla(ids)), np.asarray(pallas(ids))
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def recurrence64(x, dt, A, B, C, D, s0):
+    """The SSD recurrence written out with jnp, for float64 inputs (an independent reference)."""
+    rep = x.shape[2] // B.shape[2]
+
+    def step(state, xs):
+        x_t, dt_t, B_t, C_t = xs
+        Bh, Ch = jnp.repeat(B_t, rep, 1), jnp.repeat(C_t, rep, 1)
+        state = jnp.exp(dt_t * A)[:, :, None, None] * state + (dt_t[..., None] * x_t)[..., None] * Bh[:, :, None, :]
+        return state, jnp.einsum("bhpn,bhn->bhp", state, Ch) + D[:, None] * x_t
+
+    final, ys = jax.lax.scan(step, s0, tuple(jnp.moveaxis(a, 1, 0) for a in (x, dt, B, C)))
+    return jnp.moveaxis(ys, 0, 1), final
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_exact_at_extreme_decays_against_float64(form):
+    """dt log-uniform in [1e-4, 10] and A in [-16, -0.5] (per-chunk log decays down to ~-2e4), chunk 128, a
+    length that is not a whole number of chunks, grouped B/C and an initial state: outputs, final states and
+    the gradients of x, dt, A, B, C, D and the initial state within 1e-5 of a float64 recurrence."""
+    rng = np.random.default_rng(0)
+    b, t, h, g, p, n = 1, 300, 4, 2, 8, 16
+    inputs = [rng.standard_normal((b, t, h, p)), np.exp(rng.uniform(np.log(1e-4), np.log(10), (b, t, h))),
+              -rng.uniform(0.5, 16, h), rng.standard_normal((b, t, g, n)), rng.standard_normal((b, t, g, n)),
+              rng.standard_normal(h), rng.standard_normal((b, h, p, n))]
+    wy, ws = rng.standard_normal((b, t, h, p)), rng.standard_normal((b, h, p, n))
+
+    def loss(fn, dtype):
+        def f(*args):
+            y, s = fn(*args)
+            return jnp.sum(y * wy.astype(dtype)) + jnp.sum(s * ws.astype(dtype))
+        return f
+
+    with jax.enable_x64(True):
+        args64 = [jnp.asarray(a, jnp.float64) for a in inputs]
+        want = [np.asarray(v) for v in (*recurrence64(*args64),
+                                        *jax.grad(loss(recurrence64, np.float64), argnums=range(7))(*args64))]
+    kernel = lambda *a: ssd(*a, impl="pallas", chunk_size=128, form=form, interpret=True)
+    args32 = [jnp.asarray(a, jnp.float32) for a in inputs]
+    got = [*kernel(*args32), *jax.grad(loss(kernel, np.float32), argnums=range(7))(*args32)]
+    for name, a, w in zip(("y", "final state", "dx", "ddt", "dA", "dB", "dC", "dD", "d initial state"), got, want):
+        err = np.abs(np.asarray(a, np.float64) - w).max() / np.abs(w).max()
+        assert err <= 1e-5, (name, err)

@@ -110,3 +110,14 @@ def test_a_new_layer_kind_is_its_mixer_and_one_table_row(monkeypatch):
     hlo = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, ids).compile().as_text()
     scopes = set(re.findall(r'op_name="[^"]*?(layer\d+_[^/"]*)', hlo))
     assert scopes == {"layer0_Mamba-2", "layer1_shift", "layer2_attention", "layer3_shift", "layer4_MLP"}
+
+
+def test_every_pallas_call_declares_its_cost():
+    """XLA's cost model and profiles account a kernel only through its pl.CostEstimate."""
+    calls = []
+    for path in (ROOT.parent / "pallas_kernels").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "pallas_call":
+                calls.append((path.name, node.lineno, {k.arg for k in node.keywords}))
+    assert len(calls) >= 3, calls
+    assert all("cost_estimate" in keywords for _, _, keywords in calls), calls

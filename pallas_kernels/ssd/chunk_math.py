@@ -1,20 +1,24 @@
 """Per-chunk SSD math shared by the TPU and GPU kernel forms (values, not refs; all fp32).
 
-One chunk of Q tokens for one (batch, head): u [Q, P], l as a column [Q, 1] and a row [1, Q] (the kernels get
-both orientations so no in-kernel transpose of a vector is needed), B, C [Q, N], state h [P, N] entering the
-chunk. Cumulative sums are matmuls with triangular masks (TPU-friendly; no cumsum primitive needed).
+One chunk of Q tokens for one (batch, head): u [Q, P], the log decays l as a column [Q, 1] and a row [1, Q]
+(the kernels get both orientations, so no vector is transposed in a kernel), B, C [Q, N], state h [P, N] entering
+the chunk. With l <= 0 every decay exponent is a sum of same-sign terms, and each is taken directly over its own
+terms, never as a difference of two cumulative sums (which loses precision once |sum l| over a chunk is large):
 
-Forward:  y = ((C B^T) * Lm) u + exp(L) * (C h^T);   h_out = exp(L_Q) h + (u * exp(L_Q - L))^T B
-with L the inclusive cumsum of l and Lm[i, j] = exp(L_i - L_j) for i >= j, else 0.
+    seg[i, j] = sum_{j<k<=i} l_k   (a prefix sum down the columns of [l_i if i > j])
+    Lin_i  = sum_{k<=i} l_k        Lout_j = sum_{k>j} l_k        total = sum_k l_k
 
-Backward (G = dLoss/dh_out, dy = dLoss/dy), derived from the forward above:
-    du = ((C B^T) * Lm)^T dy + exp(L_Q - L) * (B G^T)
-    Z  = (dy u^T) * Lm
-    dC = Z B + exp(L) * (dy h)               dB = Z^T C + exp(L_Q - L) * (u G)
-    dh = (exp(L) * dy)^T C + exp(L_Q) G
-    dL_i = sum_j (Z * C B^T)_ij - sum_j (Z * C B^T)_ji + exp(L_i) <dy_i, (C h^T)_i> - W_i,
-        W_j = exp(L_Q - L_j) <u_j, (B G^T)_j>;  L_Q also receives sum_j W_j + exp(L_Q) <G, h>
-    dl = reverse cumsum of dL (L_i = sum_{k <= i} l_k)
+Forward:  y = ((C B^T) * Lm) u + exp(Lin) * (C h^T);   h_out = exp(total) h + (u * exp(Lout))^T B,
+with Lm = exp(seg) on and below the diagonal, else 0.
+
+Backward (G = dLoss/dh_out, dy = dLoss/dy; Z = (dy u^T) * Lm, S = C B^T):
+    du = (S * Lm)^T dy + exp(Lout) * (B G^T)          dh = (exp(Lin) * dy)^T C + exp(total) G
+    dC = Z B + exp(Lin) * (dy h)                       dB = Z^T C + exp(Lout) * (u G)
+    dl_k = sum_{i>=k, j<k} (Z * S)_ij + sum_{i>=k} E_i + sum_{j<k} W_j + exp(total) <G, h>
+with E_i = exp(Lin_i) <dy_i, (C h^T)_i> and W_j = exp(Lout_j) <u_j, (B G^T)_j>: again each a direct sum.
+
+`cumsum(x, axis)` is the inclusive prefix sum the form's compiler supports (Mosaic TPU: rotations; Triton:
+its scan).
 """
 
 from __future__ import annotations
@@ -32,45 +36,57 @@ def dot(a, b, contract_a: int, contract_b: int):
                                precision=HIGHEST)
 
 
-def decays(lcol, lrow):
-    """-> Lm [Q, Q], exp(L) [Q, 1], exp(L_Q - L) [Q, 1], L_Q [1, 1]."""
-    q = lcol.shape[0]
-    row = jax.lax.broadcasted_iota(jnp.int32, (q, q), 0)
-    col = jax.lax.broadcasted_iota(jnp.int32, (q, q), 1)
-    lower = row >= col
-    L_col = dot(lower.astype(F32), lcol, 1, 0)                       # [Q, 1] inclusive cumsum
-    L_row = dot(lrow, (row <= col).astype(F32), 1, 0)                # [1, Q] the same, as a row
-    seg = jnp.where(lower, L_col - L_row, 0.0)
-    Lm = jnp.where(lower, jnp.exp(seg), 0.0)
-    total = jnp.sum(lrow, axis=1, keepdims=True)                     # [1, 1]
-    return Lm, jnp.exp(L_col), jnp.exp(total - L_col), total
+def _grid(q: int):
+    return jax.lax.broadcasted_iota(jnp.int32, (q, q), 0), jax.lax.broadcasted_iota(jnp.int32, (q, q), 1)
 
 
-def chunk_forward(u, lcol, lrow, B, C, h):
+def as_row(col):
+    """[Q, 1] -> [1, Q] through a masked reduction (no transpose)."""
+    row, colx = _grid(col.shape[0])
+    return jnp.sum(jnp.where(row == colx, col, 0.0), axis=0, keepdims=True)
+
+
+def as_col(row_vec):
+    """[1, Q] -> [Q, 1] through a masked reduction (no transpose)."""
+    row, col = _grid(row_vec.shape[1])
+    return jnp.sum(jnp.where(row == col, row_vec, 0.0), axis=1, keepdims=True)
+
+
+def decays(lcol, lrow, cumsum):
+    """-> Lm [Q, Q], exp(Lin) [Q, 1], exp(Lout) [Q, 1], total [1, 1]."""
+    row, col = _grid(lcol.shape[0])
+    seg = cumsum(jnp.where(row > col, lcol, 0.0), 0)                 # [i, j] = sum_{j<k<=i} l_k
+    Lm = jnp.where(row >= col, jnp.exp(seg), 0.0)
+    lin = jnp.sum(jnp.where(col <= row, lrow, 0.0), axis=1, keepdims=True)
+    lout = jnp.sum(jnp.where(col > row, lrow, 0.0), axis=1, keepdims=True)
+    return Lm, jnp.exp(lin), jnp.exp(lout), jnp.sum(lrow, axis=1, keepdims=True)
+
+
+def chunk_forward(u, lcol, lrow, B, C, h, cumsum):
     """-> y [Q, P], h_out [P, N]."""
-    Lm, e_in, e_out, total = decays(lcol, lrow)
+    Lm, e_in, e_out, total = decays(lcol, lrow, cumsum)
     scores = dot(C, B, 1, 1) * Lm
     y = dot(scores, u, 1, 0) + e_in * dot(C, h, 1, 1)
     h_out = jnp.exp(total) * h + dot(u * e_out, B, 0, 0)
     return y, h_out
 
 
-def chunk_state(u, lcol, lrow, B):
-    """The state one chunk adds on its own at its end: (u * exp(L_Q - L))^T B  [P, N]."""
-    _, _, e_out, _ = decays(lcol, lrow)
+def chunk_state(u, lcol, lrow, B, cumsum):
+    """The state one chunk adds on its own at its end: (u * exp(Lout))^T B  [P, N]."""
+    _, _, e_out, _ = decays(lcol, lrow, cumsum)
     return dot(u * e_out, B, 0, 0)
 
 
-def chunk_output(u, lcol, lrow, B, C, h):
+def chunk_output(u, lcol, lrow, B, C, h, cumsum):
     """y [Q, P] of a chunk given the state h entering it."""
-    Lm, e_in, _, _ = decays(lcol, lrow)
+    Lm, e_in, _, _ = decays(lcol, lrow, cumsum)
     return dot(dot(C, B, 1, 1) * Lm, u, 1, 0) + e_in * dot(C, h, 1, 1)
 
 
-def chunk_backward(u, lcol, lrow, B, C, h, dy, G):
+def chunk_backward(u, lcol, lrow, B, C, h, dy, G, cumsum):
     """-> du [Q, P], dl [Q, 1], dB [Q, N], dC [Q, N], dh [P, N] (gradient w.r.t. the entering state)."""
-    q = u.shape[0]
-    Lm, e_in, e_out, total = decays(lcol, lrow)
+    row, col = _grid(u.shape[0])
+    Lm, e_in, e_out, total = decays(lcol, lrow, cumsum)
     S = dot(C, B, 1, 1)
     BG = dot(B, G, 1, 1)                                             # [Q, P]
     Ch = dot(C, h, 1, 1)                                             # [Q, P]
@@ -79,18 +95,18 @@ def chunk_backward(u, lcol, lrow, B, C, h, dy, G):
     dC = dot(Z, B, 1, 0) + e_in * dot(dy, h, 1, 0)
     dB = dot(Z, C, 0, 0) + e_out * dot(u, G, 1, 0)
     ZS = Z * S
-    W = e_out * jnp.sum(u * BG, axis=1, keepdims=True)
-    dL = (jnp.sum(ZS, axis=1, keepdims=True) - dot(ZS, jnp.ones((q, 1), F32), 0, 0)
-          + e_in * jnp.sum(dy * Ch, axis=1, keepdims=True) - W)
-    to_last = jnp.sum(W, axis=0, keepdims=True) + jnp.exp(total) * jnp.sum(G * h, keepdims=True)   # [1, 1]
-    row = jax.lax.broadcasted_iota(jnp.int32, (q, q), 0)
-    col = jax.lax.broadcasted_iota(jnp.int32, (q, q), 1)
-    dl = dot((row <= col).astype(F32), dL, 1, 0) + to_last           # reverse cumsum; L_Q feeds every l
+    before = cumsum(ZS, 1) - ZS                                      # [i, k] = sum_{j<k} ZS_ij
+    rect = as_col(jnp.sum(jnp.where(row >= col, before, 0.0), axis=0, keepdims=True))     # sum over i >= k
+    E = as_row(e_in * jnp.sum(dy * Ch, axis=1, keepdims=True))
+    W = as_row(e_out * jnp.sum(u * BG, axis=1, keepdims=True))
+    dl = (rect + jnp.sum(jnp.where(col >= row, E, 0.0), axis=1, keepdims=True)
+          + jnp.sum(jnp.where(col < row, W, 0.0), axis=1, keepdims=True)
+          + jnp.exp(total) * jnp.sum(G * h, keepdims=True))
     dh = dot(e_in * dy, C, 0, 0) + jnp.exp(total) * G
     return du, dl, dB, dC, dh
 
 
-def chunk_dstate(lcol, lrow, C, dy):
-    """The gradient a chunk's outputs alone send to the state entering it: (exp(L) * dy)^T C  [P, N]."""
-    _, e_in, _, _ = decays(lcol, lrow)
+def chunk_dstate(lcol, lrow, C, dy, cumsum):
+    """The gradient a chunk's outputs alone send to the state entering it: (exp(Lin) * dy)^T C  [P, N]."""
+    _, e_in, _, _ = decays(lcol, lrow, cumsum)
     return dot(e_in * dy, C, 0, 0)

@@ -25,22 +25,43 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as plt
 
 from pallas_kernels.ssd import chunk_math as cm
 
 F32 = jnp.float32
 
 
-def _tpu_params(*semantics):
-    from jax.experimental.pallas import tpu as pltpu
+def _roll_cumsum(x, axis: int):
+    """Inclusive prefix sum along `axis` in log2(size) steps of rotate-and-add (Mosaic TPU has no cumsum)."""
+    idx = jax.lax.broadcasted_iota(jnp.int32, x.shape, axis)
+    shift = 1
+    while shift < x.shape[axis]:
+        x = x + jnp.where(idx >= shift, pltpu.roll(x, shift, axis), 0.0)
+        shift *= 2
+    return x
 
+
+def _gpu_cumsum(x, axis: int):
+    return jnp.cumsum(x, axis=axis)
+
+
+def _tpu_params(*semantics):
     return pltpu.CompilerParams(dimension_semantics=semantics)
 
 
 def _scratch(shape):
-    from jax.experimental.pallas import tpu as pltpu
-
     return pltpu.VMEM(shape, F32)
+
+
+def _cost(b, h, t, p, n, q, outputs: int, backward: bool = False) -> pl.CostEstimate:
+    """Per (batch, head, chunk): the chunk matmuls (C B^T, scores u, C h^T, u^T B; the backward about 2.5x
+    that), the exponentials of the Q x Q decays, inputs u, l, B, C and `outputs` [T, P]-sized fp32 outputs."""
+    chunks = b * h * (t // q)
+    flops = 2 * chunks * (q * q * n + q * q * p + 2 * q * p * n) * (2.5 if backward else 1.0)
+    return pl.CostEstimate(flops=int(flops), transcendentals=chunks * (q * q + 3 * q),
+                           bytes_accessed=4 * b * h * t * (p + 1 + 2 * n + outputs * p))
 
 
 def _specs(q, p, n, rep, reverse_nc=None):
@@ -65,11 +86,12 @@ def _dims(u, B):
     return b, h, t, p, g, n
 
 
-def _chunk_grads(u_ref, lcol_ref, lrow_ref, b_ref, c_ref, hin_ref, dy_ref, G, du_ref, dl_ref, db_ref, dc_ref):
+def _chunk_grads(u_ref, lcol_ref, lrow_ref, b_ref, c_ref, hin_ref, dy_ref, G, du_ref, dl_ref, db_ref, dc_ref,
+                 cumsum):
     """Backward of one chunk (both forms): writes du, dl, dB, dC; returns the entering state's gradient."""
     du, dl, dB, dC, dh = cm.chunk_backward(
         u_ref[...].astype(F32), lcol_ref[...].astype(F32), lrow_ref[...].astype(F32), b_ref[...].astype(F32),
-        c_ref[...].astype(F32), hin_ref[...], dy_ref[...].astype(F32), G)
+        c_ref[...].astype(F32), hin_ref[...], dy_ref[...].astype(F32), G, cumsum)
     du_ref[...] = du
     dl_ref[...] = dl
     db_ref[...] = dB
@@ -88,7 +110,7 @@ def _tpu_forward_kernel(u_ref, lcol_ref, lrow_ref, b_ref, c_ref, h0_ref, y_ref, 
     h = h_scr[...]
     hin_ref[...] = h
     y, h_out = cm.chunk_forward(u_ref[...].astype(F32), lcol_ref[...].astype(F32), lrow_ref[...].astype(F32),
-                                b_ref[...].astype(F32), c_ref[...].astype(F32), h)
+                                b_ref[...].astype(F32), c_ref[...].astype(F32), h, _roll_cumsum)
     y_ref[...] = y.astype(y_ref.dtype)
     h_scr[...] = h_out
 
@@ -111,6 +133,7 @@ def tpu_forward(u, lcol, lrow, B, C, h0, chunk: int, interpret: bool):
         out_specs=(s["u"], s["state"], s["chunk_state"]),
         scratch_shapes=[_scratch((p, n))],
         compiler_params=_tpu_params("parallel", "parallel", "arbitrary"),
+        cost_estimate=_cost(b, h, t, p, n, chunk, outputs=1),
         interpret=interpret,
     )(u, lcol, lrow, B, C, h0)
 
@@ -124,7 +147,7 @@ def _tpu_backward_kernel(u_ref, lcol_ref, lrow_ref, b_ref, c_ref, hin_ref, dy_re
         g_scr[...] = dhT_ref[...].astype(F32)
 
     dh = _chunk_grads(u_ref, lcol_ref, lrow_ref, b_ref, c_ref, hin_ref, dy_ref, g_scr[...],
-                      du_ref, dl_ref, db_ref, dc_ref)
+                      du_ref, dl_ref, db_ref, dc_ref, _roll_cumsum)
     g_scr[...] = dh
 
     @pl.when(c == pl.num_programs(2) - 1)
@@ -146,43 +169,38 @@ def tpu_backward(u, lcol, lrow, B, C, h_in, dy, dhT, chunk: int, interpret: bool
         out_specs=(s["u"], s["lcol"], s["bc_head"], s["bc_head"], s["state"]),
         scratch_shapes=[_scratch((p, n))],
         compiler_params=_tpu_params("parallel", "parallel", "arbitrary"),
+        cost_estimate=_cost(b, h, t, p, n, chunk, outputs=3, backward=True),
         interpret=interpret,
     )(u, lcol, lrow, B, C, h_in, dy, dhT)
 
 
 # ----------------------------------------------------------------------------------------------- GPU form
-def _gpu_params():
-    try:
-        from jax.experimental.pallas import triton as plt
-
-        return plt.CompilerParams(num_warps=4, num_stages=2)
-    except (ImportError, AttributeError):            # no Triton backend in this jax: let Pallas choose
-        return None
-
-
 def _state_kernel(u_ref, lcol_ref, lrow_ref, b_ref, s_ref):
     s_ref[...] = cm.chunk_state(u_ref[...].astype(F32), lcol_ref[...].astype(F32), lrow_ref[...].astype(F32),
-                                b_ref[...].astype(F32))
+                                b_ref[...].astype(F32), _gpu_cumsum)
 
 
 def _output_kernel(u_ref, lcol_ref, lrow_ref, b_ref, c_ref, hin_ref, y_ref):
     y_ref[...] = cm.chunk_output(u_ref[...].astype(F32), lcol_ref[...].astype(F32), lrow_ref[...].astype(F32),
-                                 b_ref[...].astype(F32), c_ref[...].astype(F32), hin_ref[...])
+                                 b_ref[...].astype(F32), c_ref[...].astype(F32), hin_ref[...], _gpu_cumsum)
 
 
 def _dstate_kernel(lcol_ref, lrow_ref, c_ref, dy_ref, d_ref):
     d_ref[...] = cm.chunk_dstate(lcol_ref[...].astype(F32), lrow_ref[...].astype(F32), c_ref[...].astype(F32),
-                                 dy_ref[...].astype(F32))
+                                 dy_ref[...].astype(F32), _gpu_cumsum)
 
 
 def _chunk_backward_kernel(u_ref, lcol_ref, lrow_ref, b_ref, c_ref, hin_ref, dy_ref, g_ref,
                            du_ref, dl_ref, db_ref, dc_ref):
-    _chunk_grads(u_ref, lcol_ref, lrow_ref, b_ref, c_ref, hin_ref, dy_ref, g_ref[...], du_ref, dl_ref, db_ref, dc_ref)
+    _chunk_grads(u_ref, lcol_ref, lrow_ref, b_ref, c_ref, hin_ref, dy_ref, g_ref[...], du_ref, dl_ref, db_ref, dc_ref,
+                 _gpu_cumsum)
 
 
-def _parallel_call(kernel, out_shapes, in_specs, out_specs, grid, interpret):
+def _parallel_call(kernel, out_shapes, in_specs, out_specs, grid, interpret, cost):
+    """A Triton kernel (4 warps, 2 stages) with every grid axis parallel."""
     return pl.pallas_call(kernel, out_shape=out_shapes, grid=grid, in_specs=in_specs, out_specs=out_specs,
-                          compiler_params=None if interpret else _gpu_params(), interpret=interpret)
+                          compiler_params=None if interpret else plt.CompilerParams(num_warps=4, num_stages=2),
+                          cost_estimate=cost, interpret=interpret)
 
 
 def _pass_across_chunks(init, lrow, own, reverse: bool = False):
@@ -201,38 +219,50 @@ def _pass_across_chunks(init, lrow, own, reverse: bool = False):
     return final, jnp.moveaxis(received, 0, 2)
 
 
+def _pad_head_dim(per_token, state):
+    """Zero-pads head_dim (P) of a per-token array [b, H, T, P] and a state [b, H, P, N] to a power of two, as
+    Triton needs power-of-two blocks (head_dim 80 -> 128); zero columns change no other output."""
+    pad = (1 << (per_token.shape[-1] - 1).bit_length()) - per_token.shape[-1]
+    return (jnp.pad(per_token, ((0, 0), (0, 0), (0, 0), (0, pad))), jnp.pad(state, ((0, 0), (0, 0), (0, pad), (0, 0))))
+
+
 def parallel_forward(u, lcol, lrow, B, C, h0, chunk: int, interpret: bool):
     """Same results as tpu_forward, with no sequential grid axis."""
+    p_in = u.shape[-1]
+    u, h0 = _pad_head_dim(u, h0)
     b, h, t, p, g, n = _dims(u, B)
     nc = t // chunk
     s = _specs(chunk, p, n, h // g)
     own = _parallel_call(_state_kernel, jax.ShapeDtypeStruct((b, h, nc, p, n), F32),
-                         [s["u"], s["lcol"], s["lrow"], s["bc"]], s["chunk_state"], (b, h, nc), interpret
-                         )(u, lcol, lrow, B)
+                         [s["u"], s["lcol"], s["lrow"], s["bc"]], s["chunk_state"], (b, h, nc), interpret,
+                         _cost(b, h, t, p, n, chunk, outputs=0))(u, lcol, lrow, B)
     final, entering = _pass_across_chunks(h0, lrow, own)
     y = _parallel_call(_output_kernel, jax.ShapeDtypeStruct((b, h, t, p), F32),
                        [s["u"], s["lcol"], s["lrow"], s["bc"], s["bc"], s["chunk_state"]], s["u"], (b, h, nc),
-                       interpret)(u, lcol, lrow, B, C, entering)
-    return y, final, entering
+                       interpret, _cost(b, h, t, p, n, chunk, outputs=1))(u, lcol, lrow, B, C, entering)
+    return y[..., :p_in], final[..., :p_in, :], entering[..., :p_in, :]
 
 
 def parallel_backward(u, lcol, lrow, B, C, h_in, dy, dhT, chunk: int, interpret: bool):
     """Same results as tpu_backward: chunk state-gradients in parallel, a reverse XLA scan, then chunks."""
+    p_in = u.shape[-1]
+    (u, dhT), (dy, _) = _pad_head_dim(u, dhT), _pad_head_dim(dy, dhT)
+    h_in = jnp.pad(h_in, ((0, 0), (0, 0), (0, 0), (0, u.shape[-1] - p_in), (0, 0)))       # [b, H, nc, P, N]
     b, h, t, p, g, n = _dims(u, B)
     nc = t // chunk
     s = _specs(chunk, p, n, h // g)
     own = _parallel_call(_dstate_kernel, jax.ShapeDtypeStruct((b, h, nc, p, n), F32),
-                         [s["lcol"], s["lrow"], s["bc"], s["u"]], s["chunk_state"], (b, h, nc), interpret
-                         )(lcol, lrow, C, dy)
+                         [s["lcol"], s["lrow"], s["bc"], s["u"]], s["chunk_state"], (b, h, nc), interpret,
+                         _cost(b, h, t, p, n, chunk, outputs=0))(lcol, lrow, C, dy)
     # carried backwards: the gradient w.r.t. the state leaving each chunk
     dh0, leaving = _pass_across_chunks(dhT, lrow, own, reverse=True)
     shapes = [(b, h, t, p), (b, h, t, 1), (b, h, t, n), (b, h, t, n)]
     du, dl, dB, dC = _parallel_call(
         _chunk_backward_kernel, tuple(jax.ShapeDtypeStruct(sh, F32) for sh in shapes),
         [s["u"], s["lcol"], s["lrow"], s["bc"], s["bc"], s["chunk_state"], s["u"], s["chunk_state"]],
-        (s["u"], s["lcol"], s["bc_head"], s["bc_head"]), (b, h, nc), interpret)(u, lcol, lrow, B, C, h_in, dy,
-                                                                              leaving)
-    return du, dl, dB, dC, dh0
+        (s["u"], s["lcol"], s["bc_head"], s["bc_head"]), (b, h, nc), interpret,
+        _cost(b, h, t, p, n, chunk, outputs=3, backward=True))(u, lcol, lrow, B, C, h_in, dy, leaving)
+    return du[..., :p_in], dl, dB, dC, dh0[..., :p_in, :]
 
 
 FORMS = {"tpu": (tpu_forward, tpu_backward), "gpu": (parallel_forward, parallel_backward)}

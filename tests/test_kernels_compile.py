@@ -1,0 +1,113 @@
+"""The Pallas kernels through the real compilers, at the shapes of every published config (configs/*.yaml): the
+TPU compiler (libtpu, ahead of time on this CPU host) for TPU v5e and v6e, and the CUDA lowering (Triton). The
+SSD kernel forward and forward+backward at each config's Mamba shapes (TPU form on TPU, GPU form for CUDA);
+matmul4 for each of its projections at M = 1 and 256, NVFP4 and int4 with each `nemojax pack --group` choice.
+Every shape is lowered (Pallas's block rules are checked there); a matmul4 kernel is compiled once per distinct
+configuration (tiles, format, scale block, partial last tiles: what the compiled kernel and its VMEM use depend
+on). Interpret-mode tests check the numbers; these check that the compilers accept the kernels. Without libtpu
+the TPU cases skip, except in CI, where they fail."""
+
+import functools
+import glob
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from nemojax.config import ModelConfig
+from nemojax.model import NemotronH
+from nemojax.quant.pack import PackSpec
+from nemojax.ssd import ssd
+from pallas_kernels import aot
+from pallas_kernels.matmul4 import matmul4, quantize
+from pallas_kernels.matmul4.formats import INT4_GROUPS
+from pallas_kernels.matmul4.kernel import tiles
+
+CONFIGS = {os.path.basename(p)[:-5]: ModelConfig.from_yaml(p) for p in sorted(glob.glob("configs/*.yaml"))
+           if not os.path.basename(p).startswith("tiny")}
+TARGETS = ("v5e:2x2", "v6e:2x2", "cuda")
+FORMATS = [("nvfp4", 16)] + [("int4", g) for g in INT4_GROUPS]
+
+
+def ssd_shape(cfg: ModelConfig) -> tuple:
+    return cfg.mamba_head_dim, cfg.ssm_state_size, cfg.runtime.chunk_size, cfg.mamba_num_heads, cfg.n_groups
+
+
+SSD_SHAPES = sorted({ssd_shape(cfg) for cfg in CONFIGS.values()})
+
+
+@functools.cache
+def linear_shapes(name: str) -> list:
+    """[K, N] of every nnx.Linear kernel of the config (lm_head included: the tied embedding table packs as the
+    same [D, V])."""
+    model = nnx.eval_shape(lambda: NemotronH(CONFIGS[name], nnx.Rngs(0)))
+    return sorted({tuple(node.kernel.shape) for _, node in nnx.iter_graph(model) if isinstance(node, nnx.Linear)})
+
+
+def lowered(target: str, fn, *args):
+    if target == "cuda":
+        return aot.lower_for_cuda(fn, *args)
+    if not aot.libtpu_available():
+        if os.environ.get("CI"):
+            pytest.fail("the TPU compile tier needs libtpu in CI (pip install -e '.[tpu]')")
+        pytest.skip("libtpu is not installed (pip install -e '.[tpu]')")
+    return aot.lower_for_tpu(fn, *args, topology=target)
+
+
+@functools.cache
+def compiled(target: str, fn, *args):
+    out = lowered(target, fn, *args)
+    return out if target == "cuda" else out.compile()
+
+
+@functools.cache
+def ssd_fn(target: str, chunk: int, backward: bool):
+    form = "gpu" if target == "cuda" else "tpu"
+    fwd = functools.partial(ssd, impl="pallas", chunk_size=chunk, form=form, interpret=False)
+    if not backward:
+        return fwd
+    return jax.grad(lambda *a: jnp.sum(fwd(*a)[0]) + jnp.sum(fwd(*a)[1]), argnums=tuple(range(7)))
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("shape", SSD_SHAPES, ids=lambda s: "P{}-N{}-Q{}-H{}-G{}".format(*s))
+def test_ssd_kernel_compiles(shape, target):
+    p, n, q, h, g = shape
+    b, t = 1, 2 * q + 44                          # two whole chunks and a padded tail
+    args = (jax.ShapeDtypeStruct((b, t, h, p), jnp.bfloat16), jax.ShapeDtypeStruct((b, t, h), jnp.float32),
+            jax.ShapeDtypeStruct((h,), jnp.float32), jax.ShapeDtypeStruct((b, t, g, n), jnp.bfloat16),
+            jax.ShapeDtypeStruct((b, t, g, n), jnp.bfloat16), jax.ShapeDtypeStruct((h,), jnp.float32),
+            jax.ShapeDtypeStruct((b, h, p, n), jnp.float32))
+    for backward in (False, True):
+        out = compiled(target, ssd_fn(target, q, backward), *args)
+        if target != "cuda":                      # the kernel's cost estimate reaches the compiler's cost model
+            assert out.cost_analysis()["flops"] >= 2 * t * h * q * (n + p)
+
+
+@functools.cache
+def matmul4_fn(target: str):
+    return functools.partial(matmul4, target="gpu" if target == "cuda" else "tpu", interpret=False)
+
+
+COMPILED_MATMUL4 = set()                          # kernel configurations compiled in this process
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_matmul4_compiles_for_every_projection(name, target):
+    kernel_target = "gpu" if target == "cuda" else "tpu"
+    for k, n in linear_shapes(name):
+        for fmt, group in FORMATS:
+            block = PackSpec(fmt, group).block_for(k)
+            assert block is not None, (name, k, fmt, group)
+            w = jax.eval_shape(lambda: quantize(jnp.zeros((k, n), jnp.bfloat16), fmt, block))
+            half = w.data.shape[0]
+            for m in (1, 256):
+                out = lowered(target, matmul4_fn(target), jax.ShapeDtypeStruct((m, k), jnp.bfloat16), w)
+                bm, bn, bk, n_pad = tiles(m, half, n, block, kernel_target)
+                config = (target, fmt, block, bm, bn, bk, n_pad != n, half % bk != 0, n_pad % bn != 0)
+                if target != "cuda" and config not in COMPILED_MATMUL4:
+                    COMPILED_MATMUL4.add(config)
+                    assert out.compile().cost_analysis()["flops"] >= 2 * m * k * n, (k, n, fmt, block)
