@@ -60,6 +60,7 @@ def main() -> None:
         rec["pallas_fwd_roofline"] = rec["pallas_fwd_gbs"] / args.hbm_gbs
         rec["fwd_speedup_vs_xla"] = rec["xla_fwd_ms"] / rec["pallas_fwd_ms"]
         rec["fwdbwd_speedup_vs_xla"] = rec["xla_fwdbwd_ms"] / rec["pallas_fwdbwd_ms"]
+        rec["goal_fwdbwd_2x_xla_met"] = rec["fwdbwd_speedup_vs_xla"] >= 2.0
         try:
             import torch
             from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
@@ -76,6 +77,7 @@ def main() -> None:
 
             rec["mamba_ssm_fwd_ms"] = 1e3 * timed(run, args.repeats)
             rec["fwd_speedup_vs_mamba_ssm"] = rec["mamba_ssm_fwd_ms"] / rec["pallas_fwd_ms"]
+            rec["goal_fwd_as_fast_as_mamba_ssm_met"] = rec["fwd_speedup_vs_mamba_ssm"] >= 1.0
         except ImportError as e:
             rec["mamba_ssm"] = f"not available ({e.name})"
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()}), flush=True)

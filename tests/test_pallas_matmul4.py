@@ -74,3 +74,18 @@ def test_illegal_shapes_raise():
         quantize(jnp.ones((64, 8)), "fp4")
     with pytest.raises(ValueError, match=r"x must be \[M, 32\]"):
         matmul4(jnp.ones((2, 16)), quantize(jnp.ones((32, 8)), "nvfp4"))
+
+
+@pytest.mark.parametrize("target", ["tpu", "gpu"])
+@pytest.mark.parametrize("fmt,group,k,n", [("int4", 128, 6400, 600), ("nvfp4", 16, 1568, 300)])
+def test_partial_tiles_and_padding_match_reference(target, fmt, group, k, n):
+    """Shapes whose tiles do not divide them: on TPU the last K tile is masked and the last N tile cut off
+    (int4-128: K'/2 = 3200 in tiles of 1024, N = 600 in tiles of 256); on GPU N is padded to a power-of-two
+    tile. Both targets' tilings in interpret mode against the reference."""
+    p = quantize(jax.random.normal(jax.random.key(2), (k, n)), fmt, group)
+    x = jax.random.normal(jax.random.key(3), (5, k))
+    ref = matmul4_reference(x, p)
+    got = matmul4(x, p, compute_dtype=jnp.float32, target=target, interpret=True)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
+    with pytest.raises(ValueError, match="target must be one of"):
+        matmul4(x, p, target="npu")
