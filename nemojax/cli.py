@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
+import traceback
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +17,8 @@ from flax import nnx
 from nemojax.config import LAYER_KINDS, ModelConfig
 from nemojax.convert.auto import load_model
 from nemojax.convert.hf import param_count
-from nemojax.convert.orbax import copy_tokenizer_files, hf_to_orbax, orbax_to_hf, save_packed
+from nemojax.convert.orbax import PACK_FILE, hf_to_orbax, orbax_to_hf, save_packed
+from nemojax.fs import check_writable_target
 from nemojax.generate import stream_generate
 from nemojax.host_allocator import accelerator_visible
 from nemojax.model import NemotronH, count_params, make_forward
@@ -27,7 +30,7 @@ def _cmd_convert(args) -> int:
     if args.direction == "hf-to-orbax":
         hf_to_orbax(args.src, args.dst, dtype=args.dtype or "float32", force=args.force, dt_clamp=args.dt_clamp)
     else:
-        orbax_to_hf(args.src, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size)
+        orbax_to_hf(args.src, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size, force=args.force)
     print(f"wrote {args.dst}")
     return 0
 
@@ -73,8 +76,6 @@ def _cmd_generate(args) -> int:
     cfg = model.config
     tok = load_tokenizer(args.model, cfg.bos_token_id, cfg.stop_token_ids[0] if cfg.stop_token_ids else None)
     prompt = tok.encode(args.prompt)
-    if max(prompt) >= cfg.vocab_size:
-        raise ValueError(f"the tokenizer produced id {max(prompt)} >= the model's vocab_size {cfg.vocab_size}")
     stops = () if args.ignore_eos else cfg.stop_token_ids
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
@@ -101,12 +102,14 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_pack(args) -> int:
+    if os.path.isfile(os.path.join(args.src, PACK_FILE)):
+        raise ValueError(f"{args.src} is already a packed model; pack its unpacked source instead")
+    check_writable_target(args.dst, args.force, sources=(args.src,))
     model = load_model(args.src)
     before = weight_bytes(model)
     spec = PackSpec(args.format, args.group, embeddings=not args.keep_embeddings, lm_head=not args.keep_lm_head)
     report = pack_model(model, spec)
-    save_packed(model, args.dst, spec, force=args.force)
-    copy_tokenizer_files(args.src, args.dst)
+    save_packed(model, args.dst, spec, force=args.force, tokenizer_from=args.src)
     skipped = f"; left unpacked (K fits no block): {', '.join(report['skipped'])}" if report["skipped"] else ""
     print(f"packed {report['packed']} weights to {args.format}: {before / 2**20:.1f} MiB -> "
           f"{weight_bytes(model) / 2**20:.1f} MiB{skipped}; wrote {args.dst}")
@@ -115,7 +118,7 @@ def _cmd_pack(args) -> int:
 
 def _cmd_train(args) -> int:
     from nemojax.distributed import initialize
-    from nemojax.train.trainer import Trainer, TrainingError, load_run_config
+    from nemojax.train.trainer import Trainer, TrainingError, TrainingInterrupted, load_run_config
 
     model_cfg, train_cfg = load_run_config(args.config, tuple(args.overrides))
     initialize(args.distributed)
@@ -125,8 +128,11 @@ def _cmd_train(args) -> int:
           file=sys.stderr)
     try:
         history = trainer.run(progress=not args.no_progress)
+    except TrainingInterrupted as e:
+        print(f"nemojax train: {e}", file=sys.stderr)
+        return 128 + e.signum                                           # the shell's convention: 130, 143
     except TrainingError as e:
-        print(f"nemojax train: error: {e}", file=sys.stderr)
+        _error("train", e)
         return 3
     evals = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]
     if evals:
@@ -148,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dt-clamp", choices=["hf", "none"], default="hf",
                    help="'hf' reproduces transformers (dt >= time_step_min in prefill); 'none' is NVIDIA's reference")
     c.add_argument("--max-shard-size", default="5GB")
-    c.add_argument("--force", action="store_true", help="overwrite an existing Orbax checkpoint")
+    c.add_argument("--force", action="store_true", help="replace an existing non-empty DST (only once the new one is "
+                   "complete)")
     c.set_defaults(func=_cmd_convert)
 
     i = sub.add_parser("info", help="print layer counts and parameter count of a config (YAML or HF dir)")
@@ -182,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--group", type=int, default=128, help="int4 rows per scale (32/64/128)")
     k.add_argument("--keep-embeddings", action="store_true", help="leave the embedding table unpacked")
     k.add_argument("--keep-lm-head", action="store_true", help="leave the output layer unpacked")
-    k.add_argument("--force", action="store_true", help="overwrite an existing packed model")
+    k.add_argument("--force", action="store_true", help="replace an existing non-empty DST (only once the new one is "
+                   "complete)")
     k.set_defaults(func=_cmd_pack)
 
     d = sub.add_parser("demo", help="forward pass of a randomly initialised model")
@@ -192,15 +200,72 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _error(command: str, e: BaseException) -> None:
+    """The one-line error of a failed command (after its traceback with NEMOJAX_DEBUG=1)."""
+    if os.environ.get("NEMOJAX_DEBUG"):
+        traceback.print_exception(e)
+    print(f"nemojax {command}: error: {e}", file=sys.stderr)
+
+
+class _HeldTracebacks(logging.Filter):
+    """Tracebacks that storage libraries print from their own threads when a write fails (Orbax workers logging
+    through absl, asyncio futures never retrieved, tensorstore callbacks into a closed event loop): held while a
+    command runs, shown afterwards if it succeeded, dropped if it failed with its one-line error. Some arrive
+    only as the interpreter exits, so a failed command run as the `nemojax` process keeps holding them
+    (NEMOJAX_DEBUG=1 shows everything as it comes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.held: list = []
+        self.loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+        self.hook = sys.unraisablehook
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info:
+            self.held.append(record)
+            return False
+        return True
+
+    def unraisable(self, u) -> None:
+        self.held.append(u)
+
+    def __enter__(self):
+        for logger in self.loggers:
+            logger.addFilter(self)
+        sys.unraisablehook = self.unraisable
+        return self
+
+    def release(self, show: bool) -> None:
+        for logger in self.loggers:
+            logger.removeFilter(self)
+        sys.unraisablehook = self.hook
+        for item in self.held if show else ():
+            if isinstance(item, logging.LogRecord):
+                logging.getLogger(item.name).handle(item)
+            else:
+                self.hook(item)
+        self.held.clear()
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if not os.environ.get("JAX_PLATFORMS") and not accelerator_visible():
         jax.config.update("jax_platforms", "cpu")      # e.g. libtpu installed on a host without TPUs
+    held = None if os.environ.get("NEMOJAX_DEBUG") else _HeldTracebacks().__enter__()
+    failed = True
     try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as e:
-        print(f"nemojax {args.command}: error: {e}", file=sys.stderr)
+        code = args.func(args)
+        failed = False
+        return code
+    except (ValueError, OSError, NotImplementedError) as e:          # bad input, files, disk: one line
+        _error(args.command, e)
         return 2
+    except KeyboardInterrupt:
+        print(f"nemojax {args.command}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if held is not None and not (failed and argv is None):       # argv None: this process is `nemojax`
+            held.release(show=not failed)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,15 @@ def pattern_from_layer_types(types: list[str], what: str = "layers_block_type") 
     return "".join(HF_TYPE_TO_CHAR[t] for t in types)
 
 
+def check_bounds(obj, section: str, low, *names, strict: bool = False, high=None) -> None:
+    """Raises for a field of `obj` below `low` (at or below with strict) or at or above `high`."""
+    for name in names:
+        value = getattr(obj, name)
+        if not value >= low or (strict and value == low) or (high is not None and not value < high):   # NaN too
+            bound = f"{'>' if strict else '>='} {low}" + (f" and < {high}" if high is not None else "")
+            raise ConfigError(f"{section}.{name} must be {bound}, got {value!r}")
+
+
 def check_choices(obj, section: str) -> None:
     """Raises for a Literal-typed field of the dataclass `obj` holding a value outside its choices."""
     for name, hint in typing.get_type_hints(type(obj)).items():
@@ -209,6 +218,12 @@ class ModelConfig:
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         validate_pattern(self.pattern)
+        check_bounds(self, "model", 0.0, "layer_norm_epsilon", "time_step_min", "max_position_embeddings",
+                     "routed_scaling_factor", strict=True)
+        check_bounds(self, "model", 0.0, "initializer_range", "time_step_floor", "intermediate_size",
+                     "moe_intermediate_size", "moe_shared_expert_intermediate_size")
+        if self.time_step_max < self.time_step_min:
+            raise ConfigError(f"time_step_max ({self.time_step_max}) must be >= time_step_min ({self.time_step_min})")
         for name in ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                      "mamba_num_heads", "mamba_head_dim", "ssm_state_size", "n_groups", "conv_kernel"):
             value = getattr(self, name)
@@ -508,8 +523,13 @@ def _convert(hint, value, what: str):
 
 
 def read_yaml(path: str) -> dict:
+    if os.path.isdir(path):
+        raise ConfigError(f"{path} is a directory, not a YAML config file")
     with open(path) as f:
-        data = yaml.safe_load(f)
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict) or not data:
         raise ConfigError(f"{path}: expected a non-empty mapping at top level, got {data!r}")
     return data

@@ -93,11 +93,30 @@ def _generate(graphdef, state, ids, mask, key, *, max_new_tokens, temperature, t
     return out
 
 
-def _prepare(input_ids, attention_mask, pad_id):
-    if isinstance(input_ids, (list, tuple)) and input_ids and isinstance(input_ids[0], (list, tuple, np.ndarray)):
+def prepare(model: NemotronH, input_ids, attention_mask=None, max_new_tokens: int = 1, temperature: float = 0.0,
+            top_k: int = 0, top_p: float = 1.0) -> tuple[np.ndarray, np.ndarray, int]:
+    """The one check of generation inputs (generate, stream_generate, speculative_generate, the CLI): settings in
+    range and token ids inside the vocabulary. -> (ids [batch, seq] int32, mask [batch, seq] int32, pad id),
+    token lists left-padded."""
+    vocab, pad_id = model.config.vocab_size, model.config.pad_token_id or 0
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if not (np.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+    if not 0 <= top_k <= vocab:
+        raise ValueError(f"top_k must be in [0, vocab_size={vocab}] (0 = off), got {top_k}")
+    lists = isinstance(input_ids, (list, tuple)) and input_ids and isinstance(input_ids[0], (list, tuple, np.ndarray))
+    flat = (np.concatenate([np.asarray(p, np.int64).reshape(-1) for p in input_ids]) if lists
+            else np.asarray(input_ids, np.int64).reshape(-1))
+    if flat.size and (flat.min() < 0 or flat.max() >= vocab):
+        raise ValueError(f"token ids must be in [0, vocab_size={vocab}), got ids from {flat.min()} to {flat.max()}")
+    if lists:
         if attention_mask is not None:
             raise ValueError("pass either token lists (padded for you) or ids with an attention_mask, not both")
-        return left_pad(input_ids, pad_id)
+        ids, mask = left_pad(input_ids, pad_id)
+        return ids, mask, pad_id
     ids = np.asarray(input_ids, np.int32)
     if ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, seq] or a list of token lists, got shape {ids.shape}")
@@ -106,7 +125,7 @@ def _prepare(input_ids, attention_mask, pad_id):
         raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
     if (mask[:, -1] == 0).any():
         raise ValueError("prompts must be left-padded: the last position of every row must be a real token")
-    return ids, mask
+    return ids, mask, pad_id
 
 
 def generate(model: NemotronH, input_ids, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
@@ -115,12 +134,7 @@ def generate(model: NemotronH, input_ids, max_new_tokens: int = 32, temperature:
     """Returns [batch, prompt_len + max_new_tokens] int32: the (left-padded) prompt followed by the new tokens;
     after a stop token a row continues with pad tokens. input_ids: [batch, seq] (left-padded, with
     attention_mask) or a list of token lists of any lengths."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ValueError(f"bad sampling settings: temperature={temperature}, top_k={top_k}, top_p={top_p}")
-    pad_id = model.config.pad_token_id or 0
-    ids, mask = _prepare(input_ids, attention_mask, pad_id)
+    ids, mask, pad_id = prepare(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p)
     graphdef, state = nnx.split(model)
     new = _generate(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(seed),
                     max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
@@ -132,9 +146,13 @@ def stream_generate(model: NemotronH, input_ids, max_new_tokens: int = 32, tempe
                     top_k: int = 0, top_p: float = 1.0, stop_tokens: Optional[Sequence[int]] = None, seed: int = 0,
                     attention_mask=None) -> Iterator[np.ndarray]:
     """Yields each step's tokens [batch] as they are produced (one compiled step, reused every token).
-    Stops when every row has produced a stop token or max_new_tokens is reached."""
-    pad_id = model.config.pad_token_id or 0
-    ids, mask = _prepare(input_ids, attention_mask, pad_id)
+    Stops when every row has produced a stop token or max_new_tokens is reached. Inputs are checked on the call,
+    not at the first token."""
+    ids, mask, pad_id = prepare(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p)
+    return _stream(model, ids, mask, pad_id, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed)
+
+
+def _stream(model, ids, mask, pad_id, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed):
     graphdef, state = nnx.split(model)
     logits, cache = _prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), ids.shape[1] + max_new_tokens)
     key = jax.random.key(seed)

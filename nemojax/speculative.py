@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nemojax.generate import _prepare
+from nemojax.generate import prepare
 from nemojax.layers.common import Mode
 from nemojax.model import NemotronH
 
@@ -107,8 +107,7 @@ def speculative_generate(model: NemotronH, input_ids, max_new_tokens: int = 32, 
         raise NotImplementedError("MTP blocks with Mamba layers are not supported by the drafter yet")
     if num_draft < 1:
         raise ValueError(f"num_draft must be >= 1, got {num_draft}")
-    pad_id = model.config.pad_token_id or 0
-    ids, mask = _prepare(input_ids, attention_mask, pad_id)
+    ids, mask, pad_id = prepare(model, input_ids, attention_mask, max_new_tokens)
     graphdef, state = nnx.split(model)
     new, iters, accepted = _speculative(graphdef, state, jnp.asarray(ids), jnp.asarray(mask),
                                         max_new_tokens=max_new_tokens, k=num_draft, pad_id=pad_id)

@@ -3,9 +3,11 @@ resume, and reproduce a single-process run of the same global batch."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -18,9 +20,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(pid, n, port, ckpt):
+def launch(pid, n, port, ckpt, *mode):
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-    return subprocess.Popen([sys.executable, WORKER, str(pid), str(n), str(port), str(ckpt)], env=env,
+    return subprocess.Popen([sys.executable, WORKER, str(pid), str(n), str(port), str(ckpt), *mode], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -41,3 +43,21 @@ def test_two_processes_match_one(tmp_path):
     np.testing.assert_allclose(multi0["losses"], single["losses"], rtol=1e-3)
     np.testing.assert_allclose(multi0["val"], single["val"], rtol=1e-3)
     assert sorted(os.listdir(tmp_path / "multi" / "checkpoints")) == ["3", "6"]
+
+
+def test_a_signal_to_one_process_stops_all_at_the_same_step(tmp_path):
+    """SIGTERM reaches only process 1 (as when one host is preempted first): both save the same step (a
+    collective save) and stop there."""
+    port = free_port()
+    procs = [launch(pid, 2, port, tmp_path, "signal") for pid in range(2)]
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:          # both are in the loop
+            break
+        time.sleep(0.5)
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    steps = [int(next(line for line in out.splitlines() if line.startswith("INTERRUPTED "))[12:]) for out in outs]
+    assert steps[0] == steps[1], outs[0][-2000:]
+    assert os.listdir(tmp_path / "checkpoints") == [str(steps[0])]

@@ -21,14 +21,15 @@ from nemojax.sharding import make_mesh, shard_model
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "nemojax"
 ALLOWED = {     # part of nemojax -> the parts it may import (besides itself); pallas_kernels counts as a part
     "config": set(), "sharding": set(), "host_allocator": set(), "tokenizer": set(), "distributed": set(),
+    "fs": set(),
     "ssd": {"pallas_kernels"},
     "layers": {"config", "sharding", "ssd"},
     "model": {"config", "sharding", "layers"},
     "generate": {"config", "layers", "model"},
     "speculative": {"config", "layers", "model", "generate"},
     "quant": {"config", "layers", "model", "pallas_kernels"},
-    "convert": {"config", "model", "quant"},
-    "train": {"config", "sharding", "layers", "model", "quant", "convert", "tokenizer"},
+    "convert": {"config", "model", "quant", "fs"},
+    "train": {"config", "sharding", "layers", "model", "quant", "convert", "tokenizer", "fs"},
 }
 CORE = ("config", "sharding", "ssd", "layers", "model")       # no imports inside functions
 TRAIN_FROM_LAYERS = {"Mode", "ExpertBias", "RouterLoad", "AuxLoss"}

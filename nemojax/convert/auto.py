@@ -5,13 +5,16 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from nemojax.convert.hf import load_hf
+from nemojax.convert.orbax import CONFIG_FILE, PACK_FILE, load_orbax, load_packed
+
 
 def load_model(path: str, dtype: Optional[str] = None):
     """An HF checkpoint directory (config.json + safetensors), a nemojax Orbax directory or a packed 4-bit
     directory (`nemojax pack`) -> NemotronH."""
-    from nemojax.convert.hf import load_hf
-    from nemojax.convert.orbax import CONFIG_FILE, PACK_FILE, load_orbax, load_packed
-
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path} {'is not a directory' if os.path.exists(path) else 'does not exist'}: "
+                                f"expected an HF checkpoint or a nemojax model directory")
     if os.path.isfile(os.path.join(path, PACK_FILE)):
         if dtype is not None:
             raise ValueError(f"{path} holds a packed 4-bit model; it cannot be recast to {dtype}")

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from nemojax.config import LAYER_KINDS, ModelConfig
+from nemojax.fs import copy_tokenizer_files, replace_directory, storage_reason
 from nemojax.model import PERSISTENT, NemotronH, abstract_model, materialize
 
 logger = logging.getLogger(__name__)
@@ -316,6 +317,9 @@ def load_hf(directory: str, dtype: str = "float32", dt_clamp: str = "hf", **conf
                     hf = f.get_tensor(key) if index is None else f.get_slice(key)[index]
                 except Exception as e:  # safetensors raises its own error type for bad data regions
                     raise CheckpointError(f"corrupt safetensors file {path}: cannot read {t.name}: {e}") from e
+                if hf.dtype.kind not in "iub" and not np.isfinite(hf).all():         # every float, bf16 too
+                    raise CheckpointError(f"{t.name} in {path} holds {np.count_nonzero(~np.isfinite(hf))} "
+                                          f"non-finite values (NaN or Inf); the checkpoint is damaged")
                 for piece in t.pieces:
                     target = targets[piece.path]
                     arr = _to_ours(np.asarray(hf), piece).astype(target.dtype)
@@ -343,14 +347,15 @@ def _parse_size(size) -> int:
 
 
 def save_hf(model: NemotronH, directory: str, max_shard_size="5GB", dtype: Optional[str] = None,
-            expert_layout: str = "per_expert") -> None:
+            expert_layout: str = "per_expert", force: bool = False, tokenizer_from: Optional[str] = None) -> None:
     """Writes config.json + safetensors (sharded with an index past max_shard_size) in NVIDIA's on-disk
-    names, loadable by transformers.NemotronHForCausalLM.from_pretrained. Shards are written one at a time
-    and each file is first written under a temporary name, then renamed, so a crash leaves no half file.
+    names, loadable by transformers.NemotronHForCausalLM.from_pretrained, with the tokenizer files of
+    `tokenizer_from`. The directory is written as a whole into a temporary sibling swapped in when complete
+    (nemojax.fs): a failure leaves an existing directory as it was, and a non-empty one is replaced only with
+    force. Shards are written one at a time.
 
     expert_layout: 'per_expert' (on-disk `experts.{e}.up_proj.weight`, what NVIDIA publishes) or 'stacked'
     (transformers' in-memory `experts.up_proj` [E, out, in])."""
-    from safetensors.numpy import save_file
 
     if expert_layout not in ("per_expert", "stacked"):
         raise ValueError(f"expert_layout must be 'per_expert' or 'stacked', got {expert_layout!r}")
@@ -370,8 +375,16 @@ def save_hf(model: NemotronH, directory: str, max_shard_size="5GB", dtype: Optio
             size = 0
         shards[-1].append(t)
         size += nbytes
-    os.makedirs(directory, exist_ok=True)
-    cfg.replace(param_dtype=str(out_dtype)).save_hf_config(directory)
+    with replace_directory(directory, force, sources=(tokenizer_from,) if tokenizer_from else ()) as tmp:
+        _write_shards(tmp, params, layout, shards, out_dtype)
+        cfg.replace(param_dtype=str(out_dtype)).save_hf_config(tmp)
+        if tokenizer_from:
+            copy_tokenizer_files(tokenizer_from, tmp)
+
+
+def _write_shards(directory: str, params: dict, layout: list, shards: list, out_dtype) -> None:
+    from safetensors.numpy import save_file
+
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     weight_map = {}
@@ -387,9 +400,10 @@ def save_hf(model: NemotronH, directory: str, max_shard_size="5GB", dtype: Optio
             dtype_t = np.float32 if t.name.endswith(FP32_TENSORS) else out_dtype
             arrays[key] = np.ascontiguousarray(arr.astype(dtype_t))
             weight_map[key] = fname
-        tmp = os.path.join(directory, fname + ".tmp")
-        save_file(arrays, tmp, metadata={"format": "pt"})
-        os.replace(tmp, os.path.join(directory, fname))
+        try:
+            save_file(arrays, os.path.join(directory, fname), metadata={"format": "pt"})
+        except Exception as e:                       # safetensors' own error type, e.g. for a full disk
+            raise OSError(f"{fname}: {storage_reason(e)}") from e
         del arrays
     if len(shards) > 1:
         total = sum(int(np.prod(t.shape)) * out_dtype.itemsize for t in layout)

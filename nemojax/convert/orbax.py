@@ -13,38 +13,44 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from typing import Optional
 
+import jax.numpy as jnp
 from flax import nnx
 
 from nemojax.config import ModelConfig
+from nemojax.convert.hf import CheckpointError
+from nemojax.fs import check_writable_target, copy_tokenizer_files, replace_directory, storage_reason
 from nemojax.model import PERSISTENT, NemotronH, abstract_model, materialize
 from nemojax.quant.pack import PackedWeight, PackSpec, pack_model
 
 CONFIG_FILE = "nemojax_config.json"
 PACK_FILE = "nemojax_pack.json"
 PARAMS_DIR = "params"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
-def save_orbax(model: NemotronH, directory: str, force: bool = False, variables=PERSISTENT) -> None:
-    """Writes the model's `variables` (default: parameters and MoE bias) and its config to `directory`."""
+def save_orbax(model: NemotronH, directory: str, force: bool = False, variables=PERSISTENT,
+               tokenizer_from: Optional[str] = None, pack_spec=None) -> None:
+    """Writes the model's `variables` (default: parameters and MoE bias), its config, the tokenizer files of
+    `tokenizer_from` and a pack spec (packed models) as the directory `directory`, through a temporary sibling
+    swapped in when complete (nemojax.fs): a failure leaves an existing directory as it was, and a non-empty one
+    is replaced only with force."""
     import orbax.checkpoint as ocp
 
-    directory = os.path.abspath(directory)
-    params_dir = os.path.join(directory, PARAMS_DIR)
-    if os.path.exists(params_dir):
-        if not force:
-            raise FileExistsError(f"{params_dir} already exists; pass force=True (--force) to overwrite")
-        shutil.rmtree(params_dir)
-    os.makedirs(directory, exist_ok=True)
-    state = nnx.to_pure_dict(nnx.state(model, variables))
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(params_dir, state)
-        ckptr.wait_until_finished()
-    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-        json.dump(_json_safe(model.config.to_dict()), f, indent=2)
+    with replace_directory(directory, force, sources=(tokenizer_from,) if tokenizer_from else ()) as tmp:
+        try:
+            with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:    # synchronous: errors raise here
+                ckptr.save(os.path.join(tmp, PARAMS_DIR), args=ocp.args.StandardSave(
+                    nnx.to_pure_dict(nnx.state(model, variables))))
+        except (ValueError, RuntimeError, OSError) as e:                       # tensorstore reports as ValueError
+            raise OSError(f"{PARAMS_DIR}/: {storage_reason(e)}") from e
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            json.dump(_json_safe(model.config.to_dict()), f, indent=2)
+        if pack_spec is not None:
+            with open(os.path.join(tmp, PACK_FILE), "w") as f:
+                json.dump(dataclasses.asdict(pack_spec), f, indent=2)
+        if tokenizer_from:
+            copy_tokenizer_files(tokenizer_from, tmp)
 
 
 def read_config(directory: str) -> ModelConfig:
@@ -65,8 +71,17 @@ def restore_params(directory: str, target: dict) -> dict:
     shapes and dtypes of the pure-dict `target`."""
     import orbax.checkpoint as ocp
 
-    with ocp.StandardCheckpointer() as ckptr:
-        return _flatten(ckptr.restore(os.path.join(directory, PARAMS_DIR), target))
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            flat = _flatten(ckptr.restore(os.path.join(directory, PARAMS_DIR), target))
+    except Exception as e:                             # tensorstore / Orbax errors for missing or damaged files
+        raise CheckpointError(f"{directory}/{PARAMS_DIR} cannot be read ({storage_reason(e)}); the model "
+                              f"directory is damaged") from e
+    for path, a in flat.items():
+        if jnp.issubdtype(a.dtype, jnp.inexact) and not bool(jnp.isfinite(a).all()):
+            raise CheckpointError(f"{'.'.join(map(str, path))} in {directory} holds non-finite values (NaN or "
+                                  f"Inf); the model directory is damaged")
+    return flat
 
 
 def load_orbax(directory: str, dtype: Optional[str] = None) -> NemotronH:
@@ -81,11 +96,10 @@ def load_orbax(directory: str, dtype: Optional[str] = None) -> NemotronH:
     return model
 
 
-def save_packed(model: NemotronH, directory: str, spec: PackSpec, force: bool = False) -> None:
+def save_packed(model: NemotronH, directory: str, spec: PackSpec, force: bool = False,
+                tokenizer_from: Optional[str] = None) -> None:
     """Orbax directory with the packed weights, the model config and the pack spec (load_packed reads it)."""
-    save_orbax(model, directory, force=force, variables=(*PERSISTENT, PackedWeight))
-    with open(os.path.join(os.path.abspath(directory), PACK_FILE), "w") as f:
-        json.dump(dataclasses.asdict(spec), f, indent=2)
+    save_orbax(model, directory, force, (*PERSISTENT, PackedWeight), tokenizer_from, pack_spec=spec)
 
 
 def load_packed(directory: str) -> NemotronH:
@@ -128,30 +142,18 @@ def _flatten(tree: dict, prefix: tuple = ()) -> dict:
     return out
 
 
-def copy_tokenizer_files(src: str, dst: str) -> list[str]:
-    copied = []
-    for name in TOKENIZER_FILES:
-        path = os.path.join(src, name)
-        if os.path.isfile(path):
-            shutil.copy2(path, os.path.join(dst, name))
-            copied.append(name)
-    return copied
-
-
 def hf_to_orbax(src: str, dst: str, dtype: str = "float32", force: bool = False, dt_clamp: str = "hf") -> None:
     from nemojax.convert.hf import load_hf
 
-    model = load_hf(src, dtype=dtype, dt_clamp=dt_clamp)
-    save_orbax(model, dst, force=force)
-    copy_tokenizer_files(src, dst)
+    check_writable_target(dst, force, sources=(src,))     # before the (long) load
+    save_orbax(load_hf(src, dtype=dtype, dt_clamp=dt_clamp), dst, force=force, tokenizer_from=src)
 
 
-def orbax_to_hf(src: str, dst: str, dtype: Optional[str] = None, max_shard_size="5GB") -> None:
+def orbax_to_hf(src: str, dst: str, dtype: Optional[str] = None, max_shard_size="5GB", force: bool = False) -> None:
     from nemojax.convert.hf import save_hf
 
-    model = load_orbax(src)
-    save_hf(model, dst, max_shard_size=max_shard_size, dtype=dtype)
-    copy_tokenizer_files(src, dst)
+    check_writable_target(dst, force, sources=(src,))
+    save_hf(load_orbax(src), dst, max_shard_size=max_shard_size, dtype=dtype, force=force, tokenizer_from=src)
 
 
 def _json_safe(d: dict) -> dict:

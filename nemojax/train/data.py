@@ -20,6 +20,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from nemojax.config import check_bounds
 from nemojax.tokenizer import ByteTokenizer, HFTokenizer
 from nemojax.train.sources import Documents, validation_mask
 
@@ -38,6 +39,10 @@ class DataConfig:
     bos_id: int = -1                  # -1: the tokenizer's (byte: 1); HF tokenizers without one add none
     eos_id: int = -1                  # -1: the tokenizer's (byte: 2; HF: looked up among common eos tokens)
     seed: int = 0
+
+    def __post_init__(self):
+        check_bounds(self, "train.data", 1, "seq_len", "batch_size")
+        check_bounds(self, "train.data", 0.0, "val_fraction", high=1.0)
 
 
 class Tokenize:
@@ -162,6 +167,14 @@ class Corpus:
             if len(out) == max_batches:
                 break
             out.append(np.asarray(batch))
+        if not out:
+            split = self.splits["validation"]
+            tokens = sum(len(self.tokenize(split[i])["tokens"]) for i in range(len(split)))
+            rows = self.cfg.batch_size // self.process_count
+            raise ValueError(f"the validation split ({len(split)} documents, {tokens} tokens) is too small for one "
+                             f"batch of {rows} windows of seq_len + 1 = {self.cfg.seq_len + 1} tokens "
+                             f"({rows * (self.cfg.seq_len + 1)}); add documents, raise train.data.val_fraction or "
+                             f"lower batch_size / seq_len")
         return out
 
 

@@ -10,7 +10,7 @@ from typing import Literal
 import jax
 import optax
 
-from nemojax.config import check_choices
+from nemojax.config import ConfigError, check_bounds, check_choices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +29,12 @@ class OptimConfig:
 
     def __post_init__(self):
         check_choices(self, "train.optim")
+        check_bounds(self, "train.optim", 0.0, "lr", "clip_norm", "eps", strict=True)
+        check_bounds(self, "train.optim", 0, "warmup_steps", "weight_decay", "min_lr_ratio")
+        check_bounds(self, "train.optim", 1, "grad_accum")
+        check_bounds(self, "train.optim", 0.0, "b1", "b2", high=1.0)
+        if not 0.0 <= self.decay_fraction <= 1.0:
+            raise ConfigError(f"train.optim.decay_fraction must be in [0, 1], got {self.decay_fraction!r}")
 
 
 def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:

@@ -9,12 +9,14 @@ lazily, so opening a large corpus costs an index, not a pass over the text.
 from __future__ import annotations
 
 import bisect
+import codecs
 import glob
 import hashlib
 import json
 import os
 import sysconfig
 import threading
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -118,17 +120,41 @@ class ArrayRecordFile:
         return text
 
 
+def is_utf8_text(path: str, sample: int = 1 << 16) -> bool:
+    """Whether the file's first `sample` bytes are UTF-8 text (no NUL byte, valid up to a cut-off character)."""
+    with open(path, "rb") as f:
+        head = f.read(sample)
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError:
+        return False
+    return b"\0" not in head
+
+
+def _text_readers(paths: list[tuple[str, str]], what: str) -> list[TextFile]:
+    """TextFile readers of the (path, name) pairs that hold UTF-8 text; the others are skipped with one warning."""
+    keep, skipped = [], []
+    for path, name in paths:
+        (keep if is_utf8_text(path) else skipped).append((path, name))
+    if skipped:
+        warnings.warn(f"{what}: skipped {len(skipped)} of {len(paths)} text files that are not UTF-8 text (binary or "
+                      f"another encoding), e.g. {skipped[0][0]}", stacklevel=3)
+    if not keep:
+        raise FileNotFoundError(f"{what} has no UTF-8 text files" + (f" ({len(skipped)} skipped)" if skipped else ""))
+    return [TextFile(p, name) for p, name in keep]
+
+
 def _text_files(root: str) -> list[TextFile]:
-    files = []
+    paths = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "__pycache__", "test", "tests"))
         for f in sorted(filenames):
             if f.endswith(TEXT_SUFFIXES):
                 path = os.path.join(dirpath, f)
-                files.append(TextFile(path, os.path.relpath(path, root)))
-    if not files:
+                paths.append((path, os.path.relpath(path, root)))
+    if not paths:
         raise FileNotFoundError(f"no {'/'.join(TEXT_SUFFIXES)} files under {root!r}")
-    return files
+    return _text_readers(paths, f"corpus {root!r}")
 
 
 def open_files(spec: str, text_key: str = "text") -> list:
@@ -154,7 +180,7 @@ def open_files(spec: str, text_key: str = "text") -> list:
             elif path.endswith(".array_record") or ".array_record-" in name:
                 readers.append(ArrayRecordFile(path, name, text_key))
             elif path.endswith(TEXT_SUFFIXES):
-                readers.append(TextFile(path, name))
+                readers += _text_readers([(path, name)], f"corpus file {path!r}")
             else:
                 raise ValueError(f"corpus file {path!r}: unknown format (expected .jsonl, .parquet, .array_record "
                                  f"or {'/'.join(TEXT_SUFFIXES)})")

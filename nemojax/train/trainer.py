@@ -15,6 +15,8 @@ import functools
 import json
 import math
 import os
+import signal
+import threading
 import time
 from typing import Callable, Literal, Optional
 
@@ -24,10 +26,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from nemojax.config import ConfigError, ModelConfig, build, check_choices, read_run_config
+from nemojax.config import ConfigError, ModelConfig, build, check_bounds, check_choices, read_run_config
+from nemojax.fs import storage_reason
 from nemojax.model import PERSISTENT, NemotronH
 from nemojax.quant.recipe import QuantOptions, apply_precision, rounding_key
 from nemojax.sharding import MeshConfig, batch_sharding, make_mesh, shard_model
+from nemojax.train.checkpoint import Checkpoints
 from nemojax.train.data import Corpus, DataConfig
 from nemojax.train.loss import lm_and_mtp_losses, moe_aux_loss, next_token_ce, update_expert_bias
 from nemojax.train.optim import OptimConfig, make_optimizer, schedule
@@ -35,6 +39,14 @@ from nemojax.train.optim import OptimConfig, make_optimizer, schedule
 
 class TrainingError(RuntimeError):
     """Training cannot continue (e.g. the loss became NaN/Inf)."""
+
+
+class TrainingInterrupted(TrainingError):
+    """SIGINT / SIGTERM stopped training (after saving a checkpoint of the current step, unless aborted)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +58,7 @@ class TrainConfig:
     save_every: int = 100
     keep: int = 2
     ckpt_dir: str = "checkpoints/run"     # local path or a remote URL Orbax understands (gs://bucket/run)
+    resume_from: str = "latest"           # latest | previous | a saved step number (when the latest is damaged)
     log_dir: str = ""                     # metrics.jsonl + TensorBoard events; "" = ckpt_dir (or ./logs if remote)
     mtp_loss_weight: float = 0.3          # used when the model has an MTP head
     moe_bias_update_rate: float = 1e-3    # aux-loss-free balancing step for MoE layers (0 disables)
@@ -61,8 +74,8 @@ class TrainConfig:
 
     def __post_init__(self):
         check_choices(self, "train")
-        if self.loss_chunk_tokens < 0:
-            raise ConfigError(f"train.loss_chunk_tokens must be >= 0, got {self.loss_chunk_tokens}")
+        check_bounds(self, "train", 1, "steps", "log_every", "eval_every", "eval_batches", "save_every", "keep")
+        check_bounds(self, "train", 0, "loss_chunk_tokens", "mtp_loss_weight", "moe_bias_update_rate")
         if self.qad_teacher and self.precision != "nvfp4":
             raise ConfigError(f"QAD (train.qad_teacher) distills into an nvfp4 student; set train.precision=nvfp4 "
                               f"(got {self.precision!r})")
@@ -121,17 +134,70 @@ def eval_loss(model, tokens):
     return next_token_ce(model(tokens[:, :-1]), tokens)
 
 
-class MetricsLog:
-    """metrics.jsonl (one JSON record per logged step) and TensorBoard scalars (tensorboardX event files)."""
+def _agreed_signal(caught: list[int]) -> int:
+    """The first signal caught (0: none), agreed by all processes of a multi-host run so that all of them save
+    the same step (a checkpoint save is collective)."""
+    mine = caught[0] if caught else 0
+    if jax.process_count() == 1:
+        return mine
+    from jax.experimental import multihost_utils
 
-    def __init__(self, directory: str, enabled: bool = True):
+    return int(np.max(multihost_utils.process_allgather(np.int32(mine))))
+
+
+@contextlib.contextmanager
+def _signals_caught():
+    """SIGINT / SIGTERM are recorded in the yielded list, which the loop checks after each step; a second signal
+    aborts at once. Outside the main thread (where handlers cannot be set) signals keep their default action."""
+    caught: list[int] = []
+
+    def handler(signum, frame):
+        caught.append(signum)
+        if len(caught) > 1:
+            raise TrainingInterrupted(f"aborted by a second {signal.Signals(signum).name}; the last checkpoint is "
+                                      f"the one saved before", signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield caught
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; inf for a line cut short by a crash (dropped on resume)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON record per logged step) and TensorBoard scalars (tensorboardX event files). A run
+    resumed at `resume_step` first drops the records of steps after it (they will be logged again); a fresh run
+    renames an existing metrics.jsonl (a previous run's) to metrics-TIMESTAMP.jsonl."""
+
+    def __init__(self, directory: str, enabled: bool = True, resume_step: int = 0):
         self.enabled = enabled
         if not enabled:
             return
         from tensorboardX import SummaryWriter
 
         os.makedirs(directory, exist_ok=True)
-        self.jsonl = open(os.path.join(directory, "metrics.jsonl"), "a")
+        path = os.path.join(directory, "metrics.jsonl")
+        if os.path.exists(path) and not resume_step:        # another run's log (its checkpoints are gone): kept
+            os.replace(path, os.path.join(directory, f"metrics-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"))
+        elif os.path.exists(path):
+            with open(path) as f:
+                kept = [line for line in f if _logged_step(line) <= resume_step]
+            with open(path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(path + ".tmp", path)
+        self.jsonl = open(path, "a")
         self.tb = SummaryWriter(os.path.join(directory, "tensorboard"))
 
     def write(self, record: dict) -> None:
@@ -159,6 +225,8 @@ class Trainer:
             raise ConfigError(f"tokenizer {cfg.data.tokenizer!r} has {self.corpus.tokenize.vocab_size} tokens, more "
                               f"than the model's vocab_size {model_cfg.vocab_size}")
         remote = "://" in cfg.ckpt_dir
+        if not remote and os.path.exists(cfg.ckpt_dir) and not os.path.isdir(cfg.ckpt_dir):
+            raise ConfigError(f"train.ckpt_dir {cfg.ckpt_dir!r} is a file, not a directory")
         self.ckpt_dir = cfg.ckpt_dir if remote else os.path.abspath(cfg.ckpt_dir)
         self.log_dir = os.path.abspath(cfg.log_dir or ("logs" if remote else cfg.ckpt_dir))
         self.is_chief = jax.process_index() == 0
@@ -196,37 +264,22 @@ class Trainer:
                         straight_through=self.teacher is not None)
 
     # ------------------------------------------------------------------ checkpoints
-    def _manager(self):
-        import orbax.checkpoint as ocp
-
-        return ocp.CheckpointManager(os.path.join(self.ckpt_dir, "checkpoints"),
-                                     options=ocp.CheckpointManagerOptions(max_to_keep=self.cfg.keep,
-                                                                          enable_async_checkpointing=True))
-
     def _state_tree(self) -> dict:
         return {"model": nnx.to_pure_dict(nnx.state(self.model, PERSISTENT)),
                 "opt": nnx.to_pure_dict(nnx.state(self.opt))}
 
-    def _save(self, mgr, step: int, data_state: dict) -> None:
-        import orbax.checkpoint as ocp
-
-        mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(self._state_tree()),
-                                               data=ocp.args.JsonSave(data_state)))
-
-    def _restore(self, mgr) -> tuple[int, Optional[dict]]:
-        import orbax.checkpoint as ocp
-
-        step = mgr.latest_step()
+    def _restore(self, ckpt: Checkpoints) -> tuple[int, Optional[dict]]:
+        """Restores the step train.resume_from names (see checkpoint.py); (0, None) for a fresh run."""
+        step = ckpt.choose(self.cfg.resume_from)
         if step is None:
             return 0, None
-        restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(self._state_tree()),
-                                                             data=ocp.args.JsonRestore()))
-        model_state, opt_state = nnx.state(self.model, PERSISTENT), nnx.state(self.opt)
-        nnx.replace_by_pure_dict(model_state, restored.state["model"])
-        nnx.replace_by_pure_dict(opt_state, restored.state["opt"])
-        nnx.update(self.model, model_state)
-        nnx.update(self.opt, opt_state)
-        return int(step), dict(restored.data)
+        restored, data_state = ckpt.restore(step, self._state_tree())
+        ckpt.set_aside_after(step)                    # an earlier step chosen: the later ones would block saving
+        for obj, key in ((self.model, "model"), (self.opt, "opt")):
+            state = nnx.state(obj, PERSISTENT) if key == "model" else nnx.state(obj)
+            nnx.replace_by_pure_dict(state, restored[key])
+            nnx.update(obj, state)
+        return step, data_state
 
     def _global_batch(self, local: np.ndarray) -> jax.Array:
         """This host's rows [batch / hosts, seq] -> the global [batch, seq] array sharded over data x fsdp."""
@@ -252,13 +305,13 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        mgr = self._manager()
-        start, data_state = self._restore(mgr)
+        ckpt = Checkpoints(self.ckpt_dir, cfg.keep)
+        start, data_state = self._restore(ckpt)
         self.apply_precision(start)
         switch = cfg.quant.bf16_forward_from_step if cfg.precision != "bf16" else 0
         it = self.corpus.train_iterator(data_state)
         step_fn = make_train_step(self.model_cfg, cfg, self.lr_schedule)
-        log = MetricsLog(self.log_dir, enabled=self.is_chief)
+        log = MetricsLog(self.log_dir, enabled=self.is_chief, resume_step=start)
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len      # inputs (and targets) per step
         end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
         bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not (progress and self.is_chief),
@@ -269,44 +322,80 @@ class Trainer:
             log.write(record0)
         t_last = time.perf_counter()
         try:
-            for step in bar:
-                if switch and step == switch:
-                    self.apply_precision(step)
-                with self._mesh_context():
-                    metrics = step_fn(self.model, self.opt, self._global_batch(next(it)), self.teacher)
-                record = {k: float(v) for k, v in metrics.items()}
-                if loss_hook is not None:
-                    record["loss"] = loss_hook(step + 1, record["loss"])
-                if not all(math.isfinite(v) for v in record.values()):
-                    bad = sorted(k for k, v in record.items() if not math.isfinite(v))
-                    mgr.wait_until_finished()
-                    raise TrainingError(f"non-finite {', '.join(bad)} at step {step + 1}; stopping before saving. "
-                                        f"Last good checkpoint: step {mgr.latest_step()} in {self.ckpt_dir}")
-                record["step"] = step + 1
-                now = time.perf_counter()
-                record["tokens_per_s"] = tokens_per_step / max(now - t_last, 1e-9)
-                t_last = now
-                if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-                    record["val_loss"] = self.validate()
-                self.history.append(record)
-                if (step + 1) % cfg.log_every == 0 or "val_loss" in record:
-                    log.write(record)
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
-                                    gnorm=f"{record['grad_norm']:.2f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                                    **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
-                if (step + 1) % cfg.save_every == 0 or step + 1 == end:
-                    self._save(mgr, step + 1, it.get_state())
+            with _signals_caught() as caught:
+                for step in bar:
+                    if switch and step == switch:
+                        self.apply_precision(step)
+                    with self._mesh_context():
+                        metrics = step_fn(self.model, self.opt, self._global_batch(next(it)), self.teacher)
+                    record = {k: float(v) for k, v in metrics.items()}
+                    if loss_hook is not None:
+                        record["loss"] = loss_hook(step + 1, record["loss"])
+                    self._check_saves(ckpt, step + 1)
+                    if not all(math.isfinite(v) for v in record.values()):
+                        bad = sorted(k for k, v in record.items() if not math.isfinite(v))
+                        self._check_saves(ckpt, step + 1, wait=True)
+                        raise TrainingError(f"non-finite {', '.join(bad)} at step {step + 1}; stopping before saving. "
+                                            f"{self._last_good(ckpt)}")
+                    record["step"] = step + 1
+                    now = time.perf_counter()
+                    record["tokens_per_s"] = tokens_per_step / max(now - t_last, 1e-9)
+                    t_last = now
+                    if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+                        record["val_loss"] = self.validate()
+                    self.history.append(record)
+                    if (step + 1) % cfg.log_every == 0 or "val_loss" in record:
+                        log.write(record)
+                        bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                                        gnorm=f"{record['grad_norm']:.2f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                        **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
+                    signum = _agreed_signal(caught)
+                    if (step + 1) % cfg.save_every == 0 or step + 1 == end or signum:
+                        with self._save_errors(ckpt, step + 1):    # save() first waits for the one in flight
+                            ckpt.save(step + 1, self._state_tree(), it.get_state())
+                    if signum:
+                        self._check_saves(ckpt, step + 1, wait=True)
+                        raise TrainingInterrupted(f"{signal.Signals(signum).name} at step {step + 1}: saved a "
+                                                  f"checkpoint of step {step + 1} in {self.ckpt_dir}; run the same "
+                                                  f"command to resume", signum)
+            self._check_saves(ckpt, end, wait=True)          # the last saves, before reporting success
         finally:
             bar.close()
             log.close()
-            mgr.wait_until_finished()
-            mgr.close()
+            with contextlib.suppress(Exception):             # an error already on its way wins over cleanup's
+                ckpt.close()
         return self.history
 
-    def export(self, directory: Optional[str] = None) -> str:
-        """Saves the current model as a nemojax Orbax model directory (for `nemojax generate`)."""
+    def _check_saves(self, ckpt: Checkpoints, step: int, wait: bool = False) -> None:
+        """Stops training when an asynchronous checkpoint save has failed (disk full, lost storage); with wait,
+        once the saves in flight have finished."""
+        with self._save_errors(ckpt, step):
+            if wait:
+                ckpt.wait()
+            ckpt.check_for_errors()
+
+    @contextlib.contextmanager
+    def _save_errors(self, ckpt: Checkpoints, step: int):
+        """A checkpoint save failing inside (now, or an earlier asynchronous one reported now) becomes one
+        TrainingError naming the last good checkpoint."""
+        try:
+            yield
+        except TrainingError:                         # a second signal while waiting: not a save failure
+            raise
+        except Exception as e:
+            raise TrainingError(f"saving a checkpoint failed ({storage_reason(e)}); stopped at step {step}. "
+                                f"{self._last_good(ckpt)}") from e
+
+    def _last_good(self, ckpt: Checkpoints) -> str:
+        good = ckpt.last_good()
+        return (f"Last good checkpoint: step {good} in {self.ckpt_dir}" if good is not None else
+                f"No verified checkpoint in {self.ckpt_dir} yet")
+
+    def export(self, directory: Optional[str] = None, force: bool = False) -> str:
+        """Saves the current model as a nemojax Orbax model directory (for `nemojax generate`); the default,
+        CKPT_DIR/model, is replaced by each export, another directory only with force."""
         from nemojax.convert.orbax import save_orbax
 
-        directory = directory or os.path.join(self.ckpt_dir, "model")
-        save_orbax(self.model, directory, force=True)
-        return directory
+        default = os.path.join(self.ckpt_dir, "model")
+        save_orbax(self.model, directory or default, force=force or directory in (None, default))
+        return directory or default
