@@ -19,10 +19,11 @@ from nemojax.convert.auto import load_model
 from nemojax.convert.hf import param_count
 from nemojax.convert.orbax import PACK_FILE, hf_to_orbax, orbax_to_hf, save_packed
 from nemojax.fs import check_writable_target
-from nemojax.generate import stream_generate
+from nemojax.generate import PREFILL_CHUNK, stream_generate
 from nemojax.host_allocator import accelerator_visible
 from nemojax.model import NemotronH, count_params, make_forward
 from nemojax.quant.pack import PackSpec, pack_model, weight_bytes
+from nemojax.sharding import make_mesh, parse_mesh
 from nemojax.tokenizer import load_tokenizer
 
 
@@ -72,6 +73,7 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_generate(args) -> int:
+    mesh = make_mesh(parse_mesh(args.mesh)) if args.mesh else None
     model = load_model(args.model, args.dtype)
     cfg = model.config
     tok = load_tokenizer(args.model, cfg.bos_token_id, cfg.stop_token_ids[0] if cfg.stop_token_ids else None)
@@ -81,7 +83,7 @@ def _cmd_generate(args) -> int:
     sys.stdout.flush()
     generated, printed, t0, t_first = [], "", time.perf_counter(), None
     for tokens in stream_generate(model, [prompt], args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                                  stops, args.seed):
+                                  stops, args.seed, mesh=mesh, prefill_chunk=args.prefill_chunk or None):
         if t_first is None:
             t_first = time.perf_counter()
         token = int(tokens[0])
@@ -180,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's eos token(s)")
+    g.add_argument("--mesh", default=None, help="run sharded on a device mesh, e.g. data=2,tensor=2,expert=2 "
+                   "(axes data, fsdp, tensor, expert; sizes multiply to the device count, one may be -1)")
+    g.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK,
+                   help="prefill prompts longer than this chunk by chunk (0: in one pass; default %(default)s)")
     g.set_defaults(func=_cmd_generate)
 
     k = sub.add_parser("pack", help="pack a model's linear weights to 4 bits (NVFP4 or int4) for serving")

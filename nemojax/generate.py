@@ -2,11 +2,18 @@
 top-k / top-p sampling and stop tokens; a streaming variant; and MTP speculative decoding (speculative.py).
 
 Prompts of different lengths are left-padded to a common length with an attention mask: padded tokens leave
-the Mamba states at zero and are masked as attention keys, so each row generates as if alone.
+the Mamba states at zero and are masked as attention keys, so each row generates as if alone. The same makes
+chunked prefill exact: a prompt longer than `prefill_chunk` is left-padded to a multiple of it and read chunk by
+chunk (EXTEND, the Mamba states and KV cache carried), so activation memory follows the chunk, not the prompt.
+
+With `mesh=`, the model is placed on the mesh by its parameters' logical axes (sharding.RULES), prompts are
+split over the batch axes and every cache array is pinned by its declared logical axes (batch over data, KV
+heads and Mamba heads over tensor, experts over expert): generation runs sharded, without gathering weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Iterator, Optional, Sequence
 
@@ -17,6 +24,9 @@ from flax import nnx
 
 from nemojax.layers.common import Mode
 from nemojax.model import NemotronH
+from nemojax.sharding import constrain_cache, place, shard_model
+
+PREFILL_CHUNK = 8192          # default: prompts longer than this are prefilled chunk by chunk
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -50,12 +60,35 @@ def sample(logits: jax.Array, key: jax.Array, temperature: float, top_k: int, to
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_len"))
-def _prefill(graphdef, state, ids, mask, max_len):
-    """Prompt ids [b, p] into a fresh cache of max_len positions -> (last position's logits [b, V], cache)."""
+def chunk_pad(ids: np.ndarray, mask: np.ndarray, chunk: Optional[int], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pads [batch, p] prompts to a multiple of `chunk` when p > chunk (for _prefill's chunked path)."""
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1):
+        raise ValueError(f"prefill_chunk must be a positive integer or None, got {chunk!r}")
+    p = ids.shape[1]
+    if chunk is None or p <= chunk:
+        return ids, mask
+    extra = -p % chunk
+    return (np.pad(ids, ((0, 0), (extra, 0)), constant_values=pad_id), np.pad(mask, ((0, 0), (extra, 0))))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "chunk"))
+def _prefill(graphdef, state, ids, mask, max_len, chunk=None):
+    """Prompt ids [b, p] into a fresh cache of max_len positions -> (last position's logits [b, V], cache).
+    With chunk < p (p a multiple of chunk: chunk_pad) a scan reads one chunk at a time in EXTEND mode."""
     model = nnx.merge(graphdef, state)
-    hidden, cache = model.forward(ids, mask=mask, cache=model.init_cache(ids.shape[0], max_len), mode=Mode.PREFILL)
-    return model.logits(hidden[:, -1]), cache
+    b, p = ids.shape
+    cache = constrain_cache(model.init_cache(b, max_len))
+    if chunk is None or p <= chunk:
+        hidden, cache = model.forward(ids, mask=mask, cache=cache, mode=Mode.PREFILL)
+        return model.logits(hidden[:, -1]), constrain_cache(cache)
+
+    def one_chunk(cache, chunk_ids_mask):
+        hidden, cache = model.forward(chunk_ids_mask[0], mask=chunk_ids_mask[1], cache=cache, mode=Mode.EXTEND)
+        return constrain_cache(cache), hidden[:, -1]
+
+    by_chunk = tuple(a.reshape(b, p // chunk, chunk).swapaxes(0, 1) for a in (ids, mask))
+    cache, last = jax.lax.scan(one_chunk, cache, by_chunk)
+    return model.logits(last[-1]), cache
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -63,14 +96,25 @@ def _decode_step(graphdef, state, tokens, cache):
     """One token per row [b] continuing cache -> (logits [b, V], cache)."""
     model = nnx.merge(graphdef, state)
     hidden, cache = model.forward(tokens[:, None], cache=cache, mode=Mode.DECODE)
-    return model.logits(hidden[:, 0]), cache
+    return model.logits(hidden[:, 0]), constrain_cache(cache)
+
+
+def on_mesh(model: NemotronH, mesh, *arrays) -> tuple:
+    """(a factory of the context to run jitted generation in, arrays [batch, ...] as device arrays). With a mesh
+    the model is placed on it (in place; already placed arrays do not move) and the arrays are split over the
+    batch axes."""
+    if mesh is None:
+        return contextlib.nullcontext, *(jnp.asarray(a) for a in arrays)
+    shard_model(model, mesh)
+    return (lambda: jax.set_mesh(mesh)), *(place(a, ("batch",) + (None,) * (np.ndim(a) - 1), mesh) for a in arrays)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p",
-                                             "stop_tokens", "pad_id"))
-def _generate(graphdef, state, ids, mask, key, *, max_new_tokens, temperature, top_k, top_p, stop_tokens, pad_id):
+                                             "stop_tokens", "pad_id", "chunk"))
+def _generate(graphdef, state, ids, mask, key, *, max_new_tokens, temperature, top_k, top_p, stop_tokens, pad_id,
+              chunk):
     b, p = ids.shape
-    logits, cache = _prefill(graphdef, state, ids, mask, p + max_new_tokens)
+    logits, cache = _prefill(graphdef, state, ids, mask, p + max_new_tokens, chunk)
     key, sub = jax.random.split(key)
     first = sample(logits, sub, temperature, top_k, top_p)
     stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
@@ -130,31 +174,41 @@ def prepare(model: NemotronH, input_ids, attention_mask=None, max_new_tokens: in
 
 def generate(model: NemotronH, input_ids, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, stop_tokens: Optional[Sequence[int]] = None, seed: int = 0,
-             attention_mask=None) -> np.ndarray:
+             attention_mask=None, mesh=None, prefill_chunk: Optional[int] = PREFILL_CHUNK) -> np.ndarray:
     """Returns [batch, prompt_len + max_new_tokens] int32: the (left-padded) prompt followed by the new tokens;
     after a stop token a row continues with pad tokens. input_ids: [batch, seq] (left-padded, with
-    attention_mask) or a list of token lists of any lengths."""
+    attention_mask) or a list of token lists of any lengths. mesh: a jax Mesh (sharding.make_mesh) to run on;
+    prefill_chunk: prompts longer than this are prefilled chunk by chunk (None: in one pass)."""
     ids, mask, pad_id = prepare(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p)
+    chunk_ids, chunk_mask = chunk_pad(ids, mask, prefill_chunk, pad_id)
+    context, chunk_ids, chunk_mask = on_mesh(model, mesh, chunk_ids, chunk_mask)
     graphdef, state = nnx.split(model)
-    new = _generate(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(seed),
-                    max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
-                    top_p=float(top_p), stop_tokens=tuple(int(t) for t in (stop_tokens or ())), pad_id=pad_id)
+    with context():
+        new = _generate(graphdef, state, chunk_ids, chunk_mask, jax.random.key(seed),
+                        max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
+                        top_p=float(top_p), stop_tokens=tuple(int(t) for t in (stop_tokens or ())), pad_id=pad_id,
+                        chunk=prefill_chunk)
     return np.concatenate([ids, np.asarray(new)], axis=1)
 
 
 def stream_generate(model: NemotronH, input_ids, max_new_tokens: int = 32, temperature: float = 0.0,
                     top_k: int = 0, top_p: float = 1.0, stop_tokens: Optional[Sequence[int]] = None, seed: int = 0,
-                    attention_mask=None) -> Iterator[np.ndarray]:
+                    attention_mask=None, mesh=None, prefill_chunk: Optional[int] = PREFILL_CHUNK
+                    ) -> Iterator[np.ndarray]:
     """Yields each step's tokens [batch] as they are produced (one compiled step, reused every token).
     Stops when every row has produced a stop token or max_new_tokens is reached. Inputs are checked on the call,
-    not at the first token."""
+    not at the first token. mesh and prefill_chunk as in generate."""
     ids, mask, pad_id = prepare(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p)
-    return _stream(model, ids, mask, pad_id, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed)
+    ids, mask = chunk_pad(ids, mask, prefill_chunk, pad_id)
+    return _stream(model, ids, mask, pad_id, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed, mesh,
+                   prefill_chunk)
 
 
-def _stream(model, ids, mask, pad_id, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed):
+def _stream(model, ids, mask, pad_id, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed, mesh, chunk):
+    context, ids_d, mask_d = on_mesh(model, mesh, ids, mask)
     graphdef, state = nnx.split(model)
-    logits, cache = _prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), ids.shape[1] + max_new_tokens)
+    with context():
+        logits, cache = _prefill(graphdef, state, ids_d, mask_d, ids.shape[1] + max_new_tokens, chunk)
     key = jax.random.key(seed)
     done = np.zeros(ids.shape[0], bool)
     stops = set(int(t) for t in (stop_tokens or ()))
@@ -165,4 +219,5 @@ def _stream(model, ids, mask, pad_id, max_new_tokens, temperature, top_k, top_p,
         done |= np.isin(tok, list(stops)) if stops else False
         if done.all() or step == max_new_tokens - 1:
             return
-        logits, cache = _decode_step(graphdef, state, jnp.asarray(tok), cache)
+        with context():
+            logits, cache = _decode_step(graphdef, state, jnp.asarray(tok), cache)

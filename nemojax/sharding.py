@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 AXES = ("data", "fsdp", "tensor", "expert")
 
 # logical axis -> mesh axes (None: replicated). One table for parameters, activations and the arrays of
-# inference caches (each cache type declares its LOGICAL_AXES; caches are not placed on a mesh yet).
+# inference caches (each cache type declares its LOGICAL_AXES; generation pins them with constrain_cache).
 RULES = {
     # activations and caches; the residual stream is sharded over the batch only: tensor-parallel layers gather
     # it at their input and reduce at their output (Megatron's non-sequence-parallel layout)
@@ -120,6 +120,38 @@ def constrain(x: jax.Array, logical: tuple) -> jax.Array:
     if mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(logical, x.shape, dict(mesh.shape)))
+
+
+def constrain_cache(cache: tuple) -> tuple:
+    """Pins every array of per-layer inference caches (NamedTuples declaring LOGICAL_AXES, or None) to its mesh
+    axes when a mesh is set: batch over data, KV heads and Mamba heads / groups over tensor. A no-op without one."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return cache
+
+    def one(c):
+        if c is None:
+            return c
+        return c._replace(**{name: constrain(getattr(c, name), axes) for name, axes in c.LOGICAL_AXES.items()
+                             if axes})
+
+    return tuple(one(c) for c in cache)
+
+
+def place(x, logical: tuple, mesh: Mesh) -> jax.Array:
+    """Host or device array x placed on the mesh by its logical axes."""
+    return jax.device_put(x, NamedSharding(mesh, logical_to_spec(logical, np.shape(x), dict(mesh.shape))))
+
+
+def parse_mesh(text: str) -> MeshConfig:
+    """'data=2,tensor=2,expert=2' (the CLI's --mesh) -> MeshConfig; axes not named are 1, one may be -1."""
+    sizes = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        if name not in AXES or not value.lstrip("-").isdigit():
+            raise ValueError(f"--mesh {text!r}: expected comma-separated AXIS=SIZE with AXIS in {', '.join(AXES)}, "
+                             f"got {part!r}")
+        sizes[name] = int(value)
+    return MeshConfig(**{a: sizes.get(a, 1) for a in AXES})
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

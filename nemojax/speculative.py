@@ -22,9 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nemojax.generate import prepare
+from nemojax.generate import on_mesh, prepare
 from nemojax.layers.common import Mode
 from nemojax.model import NemotronH
+from nemojax.sharding import constrain_cache
 
 
 class SpeculativeStats(NamedTuple):
@@ -38,8 +39,9 @@ class SpeculativeStats(NamedTuple):
 
 
 def _rewind(cache: tuple, pos, index=None) -> tuple:
-    """Every layer cache back to `pos` written positions (index: the position of a VERIFY pass to keep)."""
-    return tuple(None if entry is None else entry.rewind(pos, index) for entry in cache)
+    """Every layer cache back to `pos` written positions (index: the position of a VERIFY pass to keep), pinned
+    to the mesh axes of its logical axes when a mesh is set."""
+    return constrain_cache(tuple(None if entry is None else entry.rewind(pos, index) for entry in cache))
 
 
 def _draft(model, mtp_out, mtp_cache, k):
@@ -60,7 +62,8 @@ def _speculative(graphdef, state, ids, mask, *, max_new_tokens, k, pad_id):
     mtp = model.mtp[0]
     b, p = ids.shape
     max_len = p + max_new_tokens + k + 1
-    hidden, cache = model.forward(ids, mask=mask, cache=model.init_cache(b, max_len), mode=Mode.PREFILL)
+    hidden, cache = model.forward(ids, mask=mask, cache=constrain_cache(model.init_cache(b, max_len)),
+                                  mode=Mode.PREFILL)
     first = jnp.argmax(model.logits(hidden[:, -1]), -1).astype(jnp.int32)
     # MTP over the prompt: position i pairs h_i with token i+1 (the first generated token for the last one).
     next_tokens = jnp.concatenate([ids[:, 1:], first[:, None]], axis=1)
@@ -98,9 +101,9 @@ def _speculative(graphdef, state, ids, mask, *, max_new_tokens, k, pad_id):
 
 
 def speculative_generate(model: NemotronH, input_ids, max_new_tokens: int = 32, num_draft: int = 2,
-                         attention_mask=None) -> tuple[np.ndarray, SpeculativeStats]:
+                         attention_mask=None, mesh=None) -> tuple[np.ndarray, SpeculativeStats]:
     """Greedy generation with MTP drafting. Returns ([batch, prompt + new] tokens, stats). Same tokens as
-    nemojax.generate(..., temperature=0)."""
+    nemojax.generate(..., temperature=0). mesh: run sharded, as in generate."""
     if model.mtp is None:
         raise ValueError("speculative decoding needs an MTP head (num_nextn_predict_layers > 0)")
     if "M" in model.config.mtp_pattern:
@@ -108,8 +111,10 @@ def speculative_generate(model: NemotronH, input_ids, max_new_tokens: int = 32, 
     if num_draft < 1:
         raise ValueError(f"num_draft must be >= 1, got {num_draft}")
     ids, mask, pad_id = prepare(model, input_ids, attention_mask, max_new_tokens)
+    context, ids_d, mask_d = on_mesh(model, mesh, ids, mask)
     graphdef, state = nnx.split(model)
-    new, iters, accepted = _speculative(graphdef, state, jnp.asarray(ids), jnp.asarray(mask),
-                                        max_new_tokens=max_new_tokens, k=num_draft, pad_id=pad_id)
+    with context():
+        new, iters, accepted = _speculative(graphdef, state, ids_d, mask_d, max_new_tokens=max_new_tokens,
+                                            k=num_draft, pad_id=pad_id)
     stats = SpeculativeStats(int(iters), int(iters) * num_draft, int(accepted))
     return np.concatenate([ids, np.asarray(new)], axis=1), stats

@@ -133,3 +133,10 @@ def test_blocked_attention_equals_unblocked_with_offsets_and_padding():
     real[0, :3] = False      # queries at positions 8..10 of row 0 see only padded keys: no defined output
     np.testing.assert_allclose(np.asarray(blocked)[real], np.asarray(explicit)[real], atol=1e-6)
     assert np.isfinite(np.asarray(blocked)).all()   # but they stay finite
+    # streaming over blocks of 16 keys (online softmax) equals scoring all keys at once, padded rows included
+    for softcap in (0.0, 5.0):
+        whole = gqa_attention(q, k, v, key_mask=jnp.asarray(mask), q_positions=jnp.arange(8, 45), softcap=softcap,
+                              key_block=None)
+        streamed = gqa_attention(q, k, v, key_mask=jnp.asarray(mask), q_positions=jnp.arange(8, 45),
+                                 softcap=softcap, key_block=16)
+        np.testing.assert_allclose(np.asarray(streamed), np.asarray(whole), atol=2e-6)

@@ -14,6 +14,7 @@ from nemojax.layers.norm import RMSNorm
 
 F32 = jnp.float32
 QUERY_BLOCK = 256
+KEY_BLOCK = 2048          # queries at given positions stream over keys in blocks of this many (online softmax)
 
 
 class KVCache(NamedTuple):
@@ -40,7 +41,8 @@ def cap(scores: jax.Array, softcap: float) -> jax.Array:
 
 def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: Optional[jax.Array] = None,
                   q_positions: Optional[jax.Array] = None, query_block: int = QUERY_BLOCK,
-                  kv_heads_first: bool = False, softcap: float = 0.0) -> jax.Array:
+                  kv_heads_first: bool = False, softcap: float = 0.0,
+                  key_block: Optional[int] = KEY_BLOCK) -> jax.Array:
     """Causal GQA with scores and softmax in fp32.
 
     q [batch, q_len, heads, head_dim]; k, v [batch, kv_len, kv_heads, head_dim];
@@ -50,7 +52,8 @@ def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: Optional[j
 
     Queries are processed in blocks of `query_block`, so scores exist for one block at a time. With default
     positions a block only sees the keys up to its end (the masked upper triangle is skipped); with q_positions
-    each block scores every key.
+    each block scores every key, streaming over blocks of `key_block` keys with an online softmax when there are
+    more (so a long cache never holds a [query block, all keys] score matrix; None: one block).
 
     kv_heads_first: k, v are given as [batch, kv_heads, kv_len, head_dim] (the KV cache layout), which avoids
     transposing the whole cache at every decode step. softcap > 0 caps scores at c * tanh(scores / c).
@@ -80,6 +83,40 @@ def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: Optional[j
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         return jnp.einsum("bkrts,bksd->bkrtd", probs, vh[:, :, :key_stop], preferred_element_type=F32)
 
+    def attend_streamed(q_blk, q_pos):
+        """q_blk [b, kvh, r, tq, hd] at positions q_pos [b, tq] against every key, key_block keys at a time:
+        running max m, normaliser l and output acc (fp32). Masked keys score finfo.min like `attend` (a fully
+        padded row averages every key), keys past the cache -inf (nothing)."""
+        nb = -(-s // key_block)
+        pad = nb * key_block - s
+
+        def blocks(a):                                    # [b, kvh, s, hd] -> [nb, b, kvh, key_block, hd]
+            a = jnp.pad(a, ((0, 0), (0, 0), (0, pad), (0, 0)))
+            return a.reshape(b, kvh, nb, key_block, hd).transpose(2, 0, 1, 3, 4)
+
+        ok = jnp.ones((b, s), bool) if key_mask is None else key_mask.astype(bool)
+        ok = jnp.pad(ok, ((0, 0), (0, pad))).reshape(b, nb, key_block).transpose(1, 0, 2)
+        index = jnp.arange(nb * key_block).reshape(nb, key_block)
+
+        def step(carry, xs):
+            m, l, acc = carry
+            k_blk, v_blk, ok_blk, idx = xs
+            scores = cap(jnp.einsum("bkrtd,bksd->bkrts", q_blk, k_blk, preferred_element_type=F32), softcap)
+            allowed = (q_pos[:, None, None, :, None] >= idx) & ok_blk[:, None, None, None, :]
+            scores = jnp.where(allowed, scores, jnp.finfo(F32).min)
+            scores = jnp.where(idx < s, scores, -jnp.inf)
+            m_new = jnp.maximum(m, scores.max(axis=-1))
+            p = jnp.exp(scores - m_new[..., None])
+            corr = jnp.exp(m - m_new)
+            acc = acc * corr[..., None] + jnp.einsum("bkrts,bksd->bkrtd", p.astype(v.dtype), v_blk,
+                                                     preferred_element_type=F32)
+            return (m_new, l * corr + p.sum(axis=-1), acc), None
+
+        shape = q_blk.shape[:4]
+        init = (jnp.full(shape, -jnp.inf, F32), jnp.zeros(shape, F32), jnp.zeros(q_blk.shape, F32))
+        (_, l, acc), _ = jax.lax.scan(step, init, (blocks(kh), blocks(vh), ok, index))
+        return acc / l[..., None]
+
     pos = None if q_positions is None else jnp.broadcast_to(q_positions, (b, t))
     outs = []
     for start in range(0, t, query_block):
@@ -87,7 +124,9 @@ def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: Optional[j
         if pos is None:           # the queries are the last t keys: a block sees keys up to its own end
             causal = (jnp.arange(start, stop)[:, None] + s - t) >= jnp.arange(s - t + stop)[None, :]
             outs.append(attend(qh[:, :, :, start:stop], s - t + stop, causal))
-        else:                     # positions known at run time only: every key, masked by position
+        elif key_block is not None and s > key_block:      # positions known at run time only: every key
+            outs.append(attend_streamed(qh[:, :, :, start:stop], pos[:, start:stop]))
+        else:
             outs.append(attend(qh[:, :, :, start:stop], s, pos[:, None, None, start:stop, None] >= jnp.arange(s)))
     out = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd).astype(q.dtype)
