@@ -15,11 +15,12 @@ import json
 import os
 from typing import Optional
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from nemojax.config import ModelConfig
-from nemojax.convert.hf import CheckpointError
+from nemojax.convert.hf import CheckpointError, load_hf, save_hf
 from nemojax.fs import check_writable_target, copy_tokenizer_files, replace_directory, storage_reason
 from nemojax.model import PERSISTENT, NemotronH, abstract_model, materialize
 from nemojax.quant.pack import PackedWeight, PackSpec, pack_model
@@ -77,8 +78,10 @@ def restore_params(directory: str, target: dict) -> dict:
     except Exception as e:                             # tensorstore / Orbax errors for missing or damaged files
         raise CheckpointError(f"{directory}/{PARAMS_DIR} cannot be read ({storage_reason(e)}); the model "
                               f"directory is damaged") from e
-    for path, a in flat.items():
-        if jnp.issubdtype(a.dtype, jnp.inexact) and not bool(jnp.isfinite(a).all()):
+    finite = jax.device_get({path: jnp.isfinite(a).all() for path, a in flat.items()     # one transfer
+                             if jnp.issubdtype(a.dtype, jnp.inexact)})
+    for path, ok in finite.items():
+        if not ok:
             raise CheckpointError(f"{'.'.join(map(str, path))} in {directory} holds non-finite values (NaN or "
                                   f"Inf); the model directory is damaged")
     return flat
@@ -143,15 +146,11 @@ def _flatten(tree: dict, prefix: tuple = ()) -> dict:
 
 
 def hf_to_orbax(src: str, dst: str, dtype: str = "float32", force: bool = False, dt_clamp: str = "hf") -> None:
-    from nemojax.convert.hf import load_hf
-
     check_writable_target(dst, force, sources=(src,))     # before the (long) load
     save_orbax(load_hf(src, dtype=dtype, dt_clamp=dt_clamp), dst, force=force, tokenizer_from=src)
 
 
 def orbax_to_hf(src: str, dst: str, dtype: Optional[str] = None, max_shard_size="5GB", force: bool = False) -> None:
-    from nemojax.convert.hf import save_hf
-
     check_writable_target(dst, force, sources=(src,))
     save_hf(load_orbax(src), dst, max_shard_size=max_shard_size, dtype=dtype, force=force, tokenizer_from=src)
 

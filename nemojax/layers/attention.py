@@ -83,20 +83,24 @@ def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: Optional[j
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         return jnp.einsum("bkrts,bksd->bkrtd", probs, vh[:, :, :key_stop], preferred_element_type=F32)
 
-    def attend_streamed(q_blk, q_pos):
-        """q_blk [b, kvh, r, tq, hd] at positions q_pos [b, tq] against every key, key_block keys at a time:
-        running max m, normaliser l and output acc (fp32). Masked keys score finfo.min like `attend` (a fully
-        padded row averages every key), keys past the cache -inf (nothing)."""
+    def key_blocks():
+        """Keys, values, key mask and key index in blocks of key_block along a leading axis (padded at the end),
+        built once for every query block: [nb, b, kvh, key_block, hd] x 2, [nb, b, key_block], [nb, key_block]."""
         nb = -(-s // key_block)
         pad = nb * key_block - s
 
-        def blocks(a):                                    # [b, kvh, s, hd] -> [nb, b, kvh, key_block, hd]
+        def blocks(a):
             a = jnp.pad(a, ((0, 0), (0, 0), (0, pad), (0, 0)))
             return a.reshape(b, kvh, nb, key_block, hd).transpose(2, 0, 1, 3, 4)
 
         ok = jnp.ones((b, s), bool) if key_mask is None else key_mask.astype(bool)
         ok = jnp.pad(ok, ((0, 0), (0, pad))).reshape(b, nb, key_block).transpose(1, 0, 2)
-        index = jnp.arange(nb * key_block).reshape(nb, key_block)
+        return blocks(kh), blocks(vh), ok, jnp.arange(nb * key_block).reshape(nb, key_block)
+
+    def attend_streamed(q_blk, q_pos, blocked):
+        """q_blk [b, kvh, r, tq, hd] at positions q_pos [b, tq] against every key, one block of `blocked`
+        (key_blocks) at a time: running max m, normaliser l and output acc (fp32). Masked keys score finfo.min
+        like `attend` (a fully padded row averages every key), keys past the cache -inf (nothing)."""
 
         def step(carry, xs):
             m, l, acc = carry
@@ -114,18 +118,19 @@ def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: Optional[j
 
         shape = q_blk.shape[:4]
         init = (jnp.full(shape, -jnp.inf, F32), jnp.zeros(shape, F32), jnp.zeros(q_blk.shape, F32))
-        (_, l, acc), _ = jax.lax.scan(step, init, (blocks(kh), blocks(vh), ok, index))
+        (_, l, acc), _ = jax.lax.scan(step, init, blocked)
         return acc / l[..., None]
 
     pos = None if q_positions is None else jnp.broadcast_to(q_positions, (b, t))
+    blocked = key_blocks() if pos is not None and key_block is not None and s > key_block else None
     outs = []
     for start in range(0, t, query_block):
         stop = min(t, start + query_block)
         if pos is None:           # the queries are the last t keys: a block sees keys up to its own end
             causal = (jnp.arange(start, stop)[:, None] + s - t) >= jnp.arange(s - t + stop)[None, :]
             outs.append(attend(qh[:, :, :, start:stop], s - t + stop, causal))
-        elif key_block is not None and s > key_block:      # positions known at run time only: every key
-            outs.append(attend_streamed(qh[:, :, :, start:stop], pos[:, start:stop]))
+        elif blocked is not None:                          # positions known at run time only: every key
+            outs.append(attend_streamed(qh[:, :, :, start:stop], pos[:, start:stop], blocked))
         else:
             outs.append(attend(qh[:, :, :, start:stop], s, pos[:, None, None, start:stop, None] >= jnp.arange(s)))
     out = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
