@@ -75,6 +75,8 @@ def _cmd_demo(args) -> int:
 def _cmd_generate(args) -> int:
     mesh = make_mesh(parse_mesh(args.mesh)) if args.mesh else None
     model = load_model(args.model, args.dtype)
+    if mesh is not None:
+        print(f"nemojax generate: sharded over a mesh of {dict(mesh.shape)}", file=sys.stderr)
     cfg = model.config
     tok = load_tokenizer(args.model, cfg.bos_token_id, cfg.stop_token_ids[0] if cfg.stop_token_ids else None)
     prompt = tok.encode(args.prompt)

@@ -83,3 +83,20 @@ def test_mesh_flag_parses_and_refuses_bad_axes():
     for bad in ("model=2", "tensor", "tensor=x"):
         with pytest.raises(ValueError, match="expected comma-separated AXIS=SIZE"):
             parse_mesh(bad)
+
+
+def test_cli_generate_on_a_mesh_and_in_chunks_prints_the_same_text(tmp_path):
+    from nemojax import save_orbax
+
+    save_orbax(NemotronH(ModelConfig.from_yaml("configs/tiny.yaml"), nnx.Rngs(0)), str(tmp_path / "m"))
+
+    def run(*extra):
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+        proc = subprocess.run([sys.executable, "-m", "nemojax.cli", "generate", "--model", str(tmp_path / "m"),
+                               "--prompt", "def main(", "--max-new-tokens", "12", "--ignore-eos", *extra], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc
+    sharded, single = run("--mesh", "tensor=2", "--prefill-chunk", "4"), run("--prefill-chunk", "0")
+    assert "sharded over a mesh of {'data': 1, 'fsdp': 1, 'tensor': 2, 'expert': 1}" in sharded.stderr
+    assert sharded.stdout == single.stdout and len(single.stdout) > len("def main(")
