@@ -1,5 +1,6 @@
 """Command line: `nemojax train`, `nemojax generate`, `nemojax convert hf-to-orbax|orbax-to-hf SRC DST`,
-`nemojax pack`, `nemojax info`, `nemojax demo`. The training stack is imported only by `train`."""
+`nemojax pack`, `nemojax compile` (TPU plans), `nemojax info`, `nemojax demo`. The training stack is imported
+only by `train` (and `compile`)."""
 
 from __future__ import annotations
 
@@ -28,10 +29,13 @@ from nemojax.tokenizer import load_tokenizer
 
 
 def _cmd_convert(args) -> int:
+    mesh = make_mesh(parse_mesh(args.mesh)) if args.mesh else None
     if args.direction == "hf-to-orbax":
-        hf_to_orbax(args.src, args.dst, dtype=args.dtype or "float32", force=args.force, dt_clamp=args.dt_clamp)
+        hf_to_orbax(args.src, args.dst, dtype=args.dtype or "float32", force=args.force, dt_clamp=args.dt_clamp,
+                    mesh=mesh)
     else:
-        orbax_to_hf(args.src, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size, force=args.force)
+        orbax_to_hf(args.src, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size, force=args.force,
+                    mesh=mesh)
     print(f"wrote {args.dst}")
     return 0
 
@@ -40,6 +44,35 @@ def _load_config(path: str):
     if os.path.isdir(path):
         return ModelConfig.from_hf(path)
     return ModelConfig.from_yaml(path)
+
+
+def _gb(n) -> str:
+    return "?" if n is None else f"{n / 1e9:.2f} GB"
+
+
+def _cmd_compile(args) -> int:
+    """AOT-compiles one step for a TPU topology on this host and prints the plan; the last line is its JSON."""
+    import json
+
+    from nemojax.aot import compile_plan
+
+    cfg = _load_config(args.config)
+    plan = compile_plan(cfg, args.topology, parse_mesh(args.mesh), step=args.step, batch=args.batch,
+                        seq_len=args.seq_len, remat=args.remat, precision=args.precision,
+                        prefill_chunk=args.prefill_chunk or None)
+    mesh = ",".join(f"{a}={n}" for a, n in plan["mesh"].items() if n > 1) or "one chip"
+    print(f"{args.config}: {plan['step']} step, batch {plan['batch']} x {plan['seq_len']} tokens, remat "
+          f"{plan['remat']}, {plan['precision']}; {plan['topology']} ({plan['chips']} chips, {mesh}); compiled in "
+          f"{plan['compile_seconds']:.0f} s")
+    print("per chip: " + ", ".join(f"{k} {_gb(v)}" for k, v in plan["hbm"].items()))
+    verdict = "fits" if plan["fits"] else "does NOT fit"
+    print(f"HBM per chip {_gb(plan['hbm_bytes_per_chip'])} of {_gb(plan['hbm_capacity_bytes'])}: {verdict}")
+    if plan["roofline_step_seconds"] is not None:
+        print(f"{plan['flops_per_step'] / 1e12:.1f} TFLOP per chip per step (model "
+              f"{plan['model_flops_per_chip'] / 1e12:.1f}); roofline {plan['roofline_step_seconds'] * 1e3:.1f} ms/step,"
+              f" {plan['tokens_per_second']:,.0f} tokens/s, MFU {plan['mfu']:.0%} (upper bound)")
+    print(json.dumps(plan))
+    return 0 if plan["fits"] or not args.check else 1
 
 
 def _cmd_info(args) -> int:
@@ -74,7 +107,7 @@ def _cmd_demo(args) -> int:
 
 def _cmd_generate(args) -> int:
     mesh = make_mesh(parse_mesh(args.mesh)) if args.mesh else None
-    model = load_model(args.model, args.dtype)
+    model = load_model(args.model, args.dtype, mesh=mesh)      # with a mesh: read straight into the shards
     if mesh is not None:
         print(f"nemojax generate: sharded over a mesh of {dict(mesh.shape)}", file=sys.stderr)
     cfg = model.config
@@ -158,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dt-clamp", choices=["hf", "none"], default="hf",
                    help="'hf' reproduces transformers (dt >= time_step_min in prefill); 'none' is NVIDIA's reference")
     c.add_argument("--max-shard-size", default="5GB")
+    c.add_argument("--mesh", default=None, help="read each tensor straight into its shards on a device mesh, e.g. "
+                   "fsdp=-1 (host memory then holds one tensor block, not the model)")
     c.add_argument("--force", action="store_true", help="replace an existing non-empty DST (only once the new one is "
                    "complete)")
     c.set_defaults(func=_cmd_convert)
@@ -189,6 +224,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK,
                    help="prefill prompts longer than this chunk by chunk (0: in one pass; default %(default)s)")
     g.set_defaults(func=_cmd_generate)
+
+    a = sub.add_parser("compile", help="AOT-compile a train/prefill/decode step for a TPU topology on this host "
+                       "and report per-chip HBM, whether it fits, FLOPs and the roofline step time (needs libtpu)")
+    a.add_argument("--config", required=True, help="model or run config YAML, or an HF checkpoint dir")
+    a.add_argument("--topology", required=True, help="TPU slice, e.g. v5p-128 (TensorCores), v6e-256 (chips), "
+                   "or v5p:4x4x4")
+    a.add_argument("--mesh", default="fsdp=-1", help="mesh over the slice's chips (default %(default)s)")
+    a.add_argument("--step", choices=["train", "prefill", "decode"], default="train")
+    a.add_argument("--batch", type=int, default=None, help="global batch (default: data x fsdp for train, 1 else)")
+    a.add_argument("--seq-len", type=int, default=None,
+                   help="train window / prompt / cache length (default: 8192 train, the model's context otherwise)")
+    a.add_argument("--remat", choices=["none", "block", "dots"], default=None, help="default: the config's")
+    a.add_argument("--precision", choices=["bf16", "fp8", "nvfp4", "aqt_int8", "aqt_int4"], default="bf16")
+    a.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK, help="prefill step: chunk size (0: one pass)")
+    a.add_argument("--check", action="store_true", help="exit 1 when the step does not fit")
+    a.set_defaults(func=_cmd_compile)
 
     k = sub.add_parser("pack", help="pack a model's linear weights to 4 bits (NVFP4 or int4) for serving")
     k.add_argument("src", help="HF checkpoint dir or nemojax Orbax dir")

@@ -28,8 +28,9 @@ ALLOWED = {     # part of nemojax -> the parts it may import (besides itself); p
     "generate": {"config", "layers", "model", "sharding"},
     "speculative": {"config", "layers", "model", "generate", "sharding"},
     "quant": {"config", "layers", "model", "pallas_kernels"},
-    "convert": {"config", "model", "quant", "fs"},
+    "convert": {"config", "model", "quant", "fs", "sharding"},
     "train": {"config", "sharding", "layers", "model", "quant", "convert", "tokenizer", "fs"},
+    "aot": {"config", "sharding", "model", "generate", "quant", "train"},
 }
 CORE = ("config", "sharding", "ssd", "layers", "model")       # no imports inside functions
 TRAIN_FROM_LAYERS = {"Mode", "ExpertBias", "RouterLoad", "AuxLoss"}

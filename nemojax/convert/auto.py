@@ -9,9 +9,10 @@ from nemojax.convert.hf import load_hf
 from nemojax.convert.orbax import CONFIG_FILE, PACK_FILE, load_orbax, load_packed
 
 
-def load_model(path: str, dtype: Optional[str] = None):
+def load_model(path: str, dtype: Optional[str] = None, mesh=None):
     """An HF checkpoint directory (config.json + safetensors), a nemojax Orbax directory or a packed 4-bit
-    directory (`nemojax pack`) -> NemotronH."""
+    directory (`nemojax pack`) -> NemotronH. mesh: parameters are read straight into their shards on it (HF and
+    Orbax; a packed model is loaded whole and placed afterwards)."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} {'is not a directory' if os.path.exists(path) else 'does not exist'}: "
                                 f"expected an HF checkpoint or a nemojax model directory")
@@ -20,7 +21,7 @@ def load_model(path: str, dtype: Optional[str] = None):
             raise ValueError(f"{path} holds a packed 4-bit model; it cannot be recast to {dtype}")
         return load_packed(path)
     if os.path.isfile(os.path.join(path, CONFIG_FILE)):
-        return load_orbax(path, dtype=dtype)
+        return load_orbax(path, dtype=dtype, mesh=mesh)
     if os.path.isfile(os.path.join(path, "config.json")):
-        return load_hf(path, dtype=dtype or "float32")
+        return load_hf(path, dtype=dtype or "float32", mesh=mesh)
     raise FileNotFoundError(f"{path} is neither an HF checkpoint (config.json) nor a nemojax Orbax checkpoint")

@@ -286,11 +286,15 @@ def _abbreviate(names: list[str], limit: int = 40) -> str:
     return str(names) if len(names) <= limit else f"{names[:limit]} ... and {len(names) - limit} more"
 
 
-def load_hf(directory: str, dtype: str = "float32", dt_clamp: str = "hf", **config_overrides) -> NemotronH:
+def load_hf(directory: str, dtype: str = "float32", dt_clamp: str = "hf", mesh=None, stats: Optional[dict] = None,
+            **config_overrides) -> NemotronH:
     """Loads an HF NemotronH checkpoint directory (config.json + safetensors) into a NemotronH model.
 
     dtype sets both parameter and compute dtype ('float32' or 'bfloat16'); SSM math stays in fp32.
     dt_clamp='hf' reproduces transformers' logits; 'none' gives NVIDIA's reference behaviour.
+    mesh: place every parameter on the mesh by its logical axes; each process reads only the safetensors byte
+    ranges of the shards its devices hold (multi-host: every process calls load_hf). stats (a dict) receives
+    bytes_read by this process and checkpoint_bytes.
     """
     cfg = ModelConfig.from_hf(directory, dt_clamp=dt_clamp, dtype=dtype, param_dtype=dtype, **config_overrides)
     files = _checkpoint_files(directory)
@@ -304,33 +308,95 @@ def load_hf(directory: str, dtype: str = "float32", dt_clamp: str = "hf", **conf
     check_checkpoint(layout, found, directory, has_mtp=cfg.num_nextn_predict_layers > 0)
 
     graphdef, abstract_state = abstract_model(cfg)
-    targets = {path: v.get_value() for path, v in abstract_state.flat_state()}
-    loaded: dict[tuple, object] = {}
-    by_file: dict[str, list[HFTensor]] = {}
-    for t in layout:
-        by_file.setdefault(found[t.name][0], []).append(t)
-    for path, tensors in by_file.items():
-        with _open(path) as f:
-            for t in tensors:
-                _, key, _, index = found[t.name]
-                try:
-                    hf = f.get_tensor(key) if index is None else f.get_slice(key)[index]
-                except Exception as e:  # safetensors raises its own error type for bad data regions
-                    raise CheckpointError(f"corrupt safetensors file {path}: cannot read {t.name}: {e}") from e
-                if hf.dtype.kind not in "iub" and not np.isfinite(hf).all():         # every float, bf16 too
-                    raise CheckpointError(f"{t.name} in {path} holds {np.count_nonzero(~np.isfinite(hf))} "
-                                          f"non-finite values (NaN or Inf); the checkpoint is damaged")
-                for piece in t.pieces:
-                    target = targets[piece.path]
-                    arr = _to_ours(np.asarray(hf), piece).astype(target.dtype)
-                    if piece.index is None:
-                        loaded[piece.path] = jnp.asarray(arr)
-                    else:   # one slice of a stacked parameter (experts): fill a host buffer, move it once full
-                        buf = loaded.setdefault(piece.path, np.empty(target.shape, target.dtype))
-                        buf[piece.index] = arr
-                del hf
-    values = {p: jnp.asarray(v) if isinstance(v, np.ndarray) else v for p, v in loaded.items()}
+    values = _read_params(layout, found, abstract_state, mesh, stats)
+    if stats is not None:
+        stats["checkpoint_bytes"] = sum(os.path.getsize(f) for f in files)
     return materialize(graphdef, abstract_state, values)
+
+
+def _hf_index(piece: Piece, ours: tuple) -> tuple:
+    """The HF tensor's index that holds ours[ours] (slices of our parameter without the expert axis) for a piece."""
+    if piece.kind == "linear":          # ours = hf[start:stop].T
+        rows, cols = ours
+        return (slice(piece.start + cols.start, piece.start + cols.stop), rows)
+    if piece.kind == "conv":            # ours [K, C] = hf[start:stop, 0, :].T
+        k, c = ours
+        return (slice(piece.start + c.start, piece.start + c.stop), slice(0, 1), k)
+    first, *rest = ours                 # copy
+    return (slice(piece.start + first.start, piece.start + first.stop), *rest)
+
+
+def _from_hf_block(block: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "linear":
+        return block.T
+    if kind == "conv":
+        return block[:, 0, :].T
+    return block
+
+
+def _read_params(layout: list[HFTensor], found: dict, abstract_state, mesh, stats: Optional[dict]) -> dict:
+    """{our parameter path: jax.Array} placed by each parameter's sharding on `mesh` (its logical axes) or on
+    the default device, each shard read straight from the safetensors byte ranges it needs (safetensors
+    slicing): a process reads only the blocks its own devices hold, once per distinct block."""
+    import jax
+    from jax.sharding import NamedSharding, SingleDeviceSharding
+
+    from nemojax.sharding import variable_spec
+
+    sources: dict[tuple, list] = {}                 # our path -> [(HF tensor, piece)], experts in index order
+    for t in layout:
+        for piece in t.pieces:
+            sources.setdefault(piece.path, []).append((t, piece))
+    handles: dict[str, object] = {}
+    counted = {"bytes_read": 0}
+
+    def read(t: HFTensor, piece: Piece, ours: tuple) -> np.ndarray:
+        path, key, _, expert = found[t.name]
+        if path not in handles:
+            handles[path] = _open(path).__enter__()
+        index = _hf_index(piece, ours)
+        try:
+            sliced = handles[path].get_slice(key)
+            block = sliced[index] if expert is None else sliced[(slice(expert, expert + 1), *index)][0]
+        except Exception as e:      # safetensors raises its own error type for bad data regions
+            raise CheckpointError(f"corrupt safetensors file {path}: cannot read {t.name}: {e}") from e
+        counted["bytes_read"] += block.nbytes
+        if block.dtype.kind not in "iub" and not np.isfinite(block).all():          # every float, bf16 too
+            raise CheckpointError(f"{t.name} in {path} holds {np.count_nonzero(~np.isfinite(block))} non-finite "
+                                  f"values (NaN or Inf); the checkpoint is damaged")
+        return _from_hf_block(block, piece.kind)
+
+    axes = dict(mesh.shape) if mesh is not None else {}
+    values = {}
+    try:
+        for path, var in abstract_state.flat_state():
+            if path not in sources:
+                continue
+            target = var.get_value()
+            shape = tuple(target.shape)
+            sharding = (NamedSharding(mesh, variable_spec(path, var, axes)) if mesh is not None
+                        else SingleDeviceSharding(jax.devices()[0]))
+            parts = sources[path]
+            done: dict[tuple, np.ndarray] = {}
+
+            def block(index, parts=parts, shape=shape, dtype=target.dtype, done=done):
+                ours = tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
+                key = tuple((s.start, s.stop) for s in ours)
+                if key not in done:          # replicated blocks: read once per process
+                    if parts[0][1].index is None:
+                        out = read(*parts[0], ours).astype(dtype)
+                    else:                    # stacked experts: ours[e] comes from expert e's tensor
+                        out = np.stack([read(*parts[e], ours[1:]).astype(dtype) for e in range(*key[0])])
+                    done[key] = out
+                return done[key]
+
+            values[path] = jax.make_array_from_callback(shape, sharding, block)
+    finally:
+        for handle in handles.values():
+            handle.__exit__(None, None, None)
+    if stats is not None:
+        stats["bytes_read"] = counted["bytes_read"]
+    return values
 
 
 # ---------------------------------------------------------------------------------------------- saving

@@ -87,16 +87,35 @@ def restore_params(directory: str, target: dict) -> dict:
     return flat
 
 
-def load_orbax(directory: str, dtype: Optional[str] = None) -> NemotronH:
-    """Restores a model saved by save_orbax; dtype (optional) recasts parameters and compute."""
+def load_orbax(directory: str, dtype: Optional[str] = None, mesh=None) -> NemotronH:
+    """Restores a model saved by save_orbax; dtype (optional) recasts parameters and compute. mesh: every
+    parameter is restored straight into its shards on the mesh (its logical axes); each process reads only
+    the chunks of its own devices (Orbax / tensorstore)."""
     directory = os.path.abspath(directory)
     cfg = read_config(directory)
     graphdef, abstract_state = abstract_model(cfg)
+    if mesh is not None:
+        abstract_state = sharded_structs(abstract_state, mesh)
     target = nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, abstract_state), PERSISTENT))
     model = materialize(graphdef, abstract_state, restore_params(directory, target))
     if dtype is not None and dtype != cfg.runtime.param_dtype:
         model = cast_model(model, dtype)
     return model
+
+
+def sharded_structs(abstract_state, mesh):
+    """An abstract nnx state whose values become ShapeDtypeStructs carrying each variable's NamedSharding on
+    `mesh` (from its logical axes): Orbax restores into exactly those shards."""
+    from jax.sharding import NamedSharding
+
+    from nemojax.sharding import variable_spec
+
+    axes = dict(mesh.shape)
+    for path, var in abstract_state.flat_state():
+        value = var.get_value()
+        var.set_value(jax.ShapeDtypeStruct(value.shape, value.dtype,
+                                           sharding=NamedSharding(mesh, variable_spec(path, var, axes))))
+    return abstract_state
 
 
 def save_packed(model: NemotronH, directory: str, spec: PackSpec, force: bool = False,
@@ -145,14 +164,18 @@ def _flatten(tree: dict, prefix: tuple = ()) -> dict:
     return out
 
 
-def hf_to_orbax(src: str, dst: str, dtype: str = "float32", force: bool = False, dt_clamp: str = "hf") -> None:
+def hf_to_orbax(src: str, dst: str, dtype: str = "float32", force: bool = False, dt_clamp: str = "hf",
+                mesh=None) -> None:
+    """mesh: each tensor is read straight into its shards on the mesh's devices (host memory: one block)."""
     check_writable_target(dst, force, sources=(src,))     # before the (long) load
-    save_orbax(load_hf(src, dtype=dtype, dt_clamp=dt_clamp), dst, force=force, tokenizer_from=src)
+    save_orbax(load_hf(src, dtype=dtype, dt_clamp=dt_clamp, mesh=mesh), dst, force=force, tokenizer_from=src)
 
 
-def orbax_to_hf(src: str, dst: str, dtype: Optional[str] = None, max_shard_size="5GB", force: bool = False) -> None:
+def orbax_to_hf(src: str, dst: str, dtype: Optional[str] = None, max_shard_size="5GB", force: bool = False,
+                mesh=None) -> None:
     check_writable_target(dst, force, sources=(src,))
-    save_hf(load_orbax(src), dst, max_shard_size=max_shard_size, dtype=dtype, force=force, tokenizer_from=src)
+    save_hf(load_orbax(src, mesh=mesh), dst, max_shard_size=max_shard_size, dtype=dtype, force=force,
+            tokenizer_from=src)
 
 
 def _json_safe(d: dict) -> dict:

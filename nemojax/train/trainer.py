@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -87,9 +86,10 @@ def load_run_config(path: str, overrides: tuple = ()) -> tuple[ModelConfig, Trai
     return ModelConfig.from_dict(raw["model"], what=f"{path} model"), build(TrainConfig, raw["train"], "train")
 
 
-def make_train_step(model_cfg: ModelConfig, cfg: TrainConfig, lr_schedule: optax.Schedule):
+def make_train_step(model_cfg: ModelConfig, cfg: TrainConfig, lr_schedule: optax.Schedule, jit: bool = True):
     """step(model, opt, tokens [batch, seq+1], teacher=None) -> metrics. With a teacher (QAD) the loss is the
-    logit KL to it alone; "loss" then reports the student's cross entropy for comparison."""
+    logit KL to it alone; "loss" then reports the student's cross entropy for comparison. jit=False returns the
+    plain function (nemojax.aot compiles it over abstract state for a TPU topology)."""
     mtp_depth = model_cfg.runtime.mtp_depth if model_cfg.num_nextn_predict_layers else 0
 
     def loss_fn(model, tokens):
@@ -105,9 +105,6 @@ def make_train_step(model_cfg: ModelConfig, cfg: TrainConfig, lr_schedule: optax
         kl = logit_kl(jax.lax.stop_gradient(teacher(inputs)), student_logits)
         return kl, (jax.lax.stop_gradient(next_token_ce(student_logits, tokens)), [])
 
-    # the model and optimizer state are donated: XLA writes the new state into the old buffers instead of
-    # holding two copies of parameters + Adam moments at the step boundary
-    @functools.partial(nnx.jit, donate_argnums=(0, 1))
     def step(model, opt, tokens, teacher=None):
         # a fresh stochastic-rounding key per step for quantized matmuls (layers fold in their own ids)
         with rounding_key(jax.random.fold_in(jax.random.key(cfg.seed + 7919), opt.step[...])):
@@ -125,7 +122,9 @@ def make_train_step(model_cfg: ModelConfig, cfg: TrainConfig, lr_schedule: optax
             metrics[f"mtp_loss_{k}"] = m
         return metrics
 
-    return step
+    # the model and optimizer state are donated: XLA writes the new state into the old buffers instead of
+    # holding two copies of parameters + Adam moments at the step boundary
+    return nnx.jit(step, donate_argnums=(0, 1)) if jit else step
 
 
 @nnx.jit

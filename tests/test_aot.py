@@ -1,0 +1,131 @@
+"""`nemojax compile` (issue 18): a train / prefill / decode step compiled ahead of time for a TPU topology by the
+real TPU compiler (libtpu) on this CPU host, with per-chip HBM against the chip's capacity and model FLOPs. The
+HBM capacities are checked against what the compiler itself states; the model FLOP count against the parameter
+shapes of the model as built. Without libtpu the compile cases skip, except in CI, where they fail."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from nemojax import aot
+from nemojax.config import ConfigError, ModelConfig
+from nemojax.model import abstract_model
+from pallas_kernels import aot as kernel_aot
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def need_libtpu():
+    if not kernel_aot.libtpu_available():
+        if os.environ.get("CI"):
+            pytest.fail("the TPU compile tier needs libtpu in CI (pip install -e '.[tpu]')")
+        pytest.skip("libtpu is not installed (pip install -e '.[tpu]')")
+
+
+def test_topology_names():
+    t = aot.parse_topology("v5p-128")                # Cloud names count v5p TensorCores: 64 chips
+    assert (t.chips, t.jax_name, t.name) == (64, "v5p:4x4x4", "v5p-128")
+    assert aot.parse_topology("v6e-256").jax_name == "v6e:16x16"
+    assert aot.parse_topology("v5litepod-16").jax_name == "v5e:4x4"
+    assert aot.parse_topology("v5p:2x2x1").chips == 4
+    for bad, match in (("v5p-12", "no TPU v5p slice of that size"), ("h100-8", "expected a slice name"),
+                       ("v6e:2y2", "expected a slice name")):
+        with pytest.raises(ConfigError, match=match):
+            aot.parse_topology(bad)
+
+
+@pytest.mark.parametrize("generation", sorted(aot.CHIPS))
+def test_hbm_capacity_is_what_the_compiler_allows(generation):
+    """An over-large program is refused with the compiler's own statement of the chip's HBM."""
+    need_libtpu()
+    big = jax.ShapeDtypeStruct((2 ** 14, 2 ** 20), jnp.float32)             # 64 GiB + 64 GiB out
+    chip = aot.CHIPS[generation]
+    with pytest.raises(Exception, match="RESOURCE_EXHAUSTED") as e:
+        kernel_aot.compile_for_tpu(lambda x: jnp.concatenate([x, x * 2]), big,
+                                   topology=f"{generation}:{chip.shapes[min(chip.shapes)]}")
+    _, available = aot._oom_bytes(str(e.value))
+    assert abs(available - chip.hbm_bytes) < 0.01 * 2 ** 30, (str(e.value)[:300], chip.hbm_bytes)
+
+
+@pytest.mark.parametrize("name", ["configs/nemotron_h_8b.yaml", "configs/tiny_moe.yaml",
+                                  "configs/nemotron3_super_120b_a12b.yaml"])
+def test_matmul_params_match_the_model_as_built(name):
+    """Per-token matmul parameters = every linear kernel of the main model and lm_head, the routers, and the
+    routed experts scaled by k / E (a token visits k of them), counted from the built model's shapes."""
+    cfg = ModelConfig.from_yaml(name)
+    _, state = abstract_model(cfg)
+    expected = 0.0
+    for path, var in state.flat_state():
+        if path[0] not in ("layers", "lm_head"):
+            continue
+        size = var.get_value().size
+        if path[-1] == "kernel" or path[-1] == "gate":
+            expected += size
+        elif path[-1] in ("up_proj", "down_proj"):                           # stacked routed experts
+            expected += size * cfg.num_experts_per_tok / cfg.n_routed_experts
+    assert sum(aot.matmul_params(cfg).values()) == pytest.approx(expected, rel=1e-12)
+
+
+def run_cli(*args, timeout=900):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "nemojax.cli", "compile", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    return proc, (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode in (0, 1) else None)
+
+
+def test_cli_compiles_a_small_train_step_for_v5p_and_v6e():
+    need_libtpu()
+    for topology, mesh in (("v5p-8", "fsdp=2,tensor=2"), ("v6e-8", "fsdp=4,tensor=2")):
+        proc, plan = run_cli("--config", "configs/tiny.yaml", "--topology", topology, "--mesh", mesh,
+                             "--batch", "8", "--seq-len", "256", "--remat", "block")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        for key in ("fits", "hbm_bytes_per_chip", "hbm_capacity_bytes", "flops_per_step", "roofline_step_seconds",
+                    "compile_seconds"):
+            assert key in plan, key
+        assert plan["fits"] and plan["chips"] == 4 * (1 + (topology == "v6e-8"))
+        assert plan["hbm_capacity_bytes"] == aot.CHIPS[topology[:3]].hbm_bytes
+        # the compiler's (tile-padded) argument bytes hold the parameters and Adam state sharded over the chips
+        ours = plan["hbm"]["parameters"] + plan["hbm"]["optimizer_state"] + plan["hbm"]["inputs"]
+        assert ours <= plan["compiler_argument_bytes"] < 3 * ours
+        assert plan["hbm"]["optimizer_state"] == pytest.approx(2 * plan["hbm"]["parameters"], rel=0.01)
+        # XLA's FLOP count of the partitioned step (remat recomputes the forward) against the model FLOPs
+        assert plan["model_flops_per_chip"] < plan["flops_per_step"] < 3 * plan["model_flops_per_chip"]
+        assert "HBM per chip" in proc.stdout and "fits" in proc.stdout
+
+
+def test_cli_decode_that_does_not_fit_says_so():
+    """A decode step whose KV cache alone exceeds a v5e chip: fits false, and --check exits 1."""
+    need_libtpu()
+    proc, plan = run_cli("--config", "configs/tiny.yaml", "--topology", "v5e-4", "--mesh", "data=4",
+                         "--step", "decode", "--batch", "4096", "--seq-len", "1048576", "--check")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert plan["fits"] is False and plan["hbm_bytes_per_chip"] > plan["hbm_capacity_bytes"]
+    # the one attention layer: k and v, each [1024 rows per chip, 2 KV heads, 2^20 positions, 32] in bf16
+    kv = 2 * 1024 * 2 * 2 ** 20 * 32 * 2
+    assert plan["hbm"]["cache"] >= kv
+    assert "does NOT fit" in proc.stdout
+
+
+def test_cli_bad_topology_is_one_line():
+    proc = subprocess.run([sys.executable, "-m", "nemojax.cli", "compile", "--config", "configs/tiny.yaml",
+                           "--topology", "v5p-12"], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("nemojax compile: error: --topology 'v5p-12'")
+
+
+def test_cli_prefill_compiles_chunked_on_a_moe_mesh():
+    need_libtpu()
+    proc, plan = run_cli("--config", "configs/tiny_moe.yaml", "--topology", "v6e-8", "--mesh",
+                         "fsdp=2,tensor=2,expert=2", "--step", "prefill", "--batch", "2", "--seq-len", "2048",
+                         "--prefill-chunk", "512")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert plan["fits"] and plan["step"] == "prefill" and plan["mesh"]["expert"] == 2
+    proc, _ = run_cli("--config", "configs/tiny_moe.yaml", "--topology", "v6e-8", "--step", "prefill",
+                      "--seq-len", "1000", "--prefill-chunk", "512")
+    assert proc.returncode == 2 and "must be a multiple of --prefill-chunk" in proc.stderr
