@@ -63,12 +63,14 @@ def main():
     files = sum(os.path.getsize(os.path.join(src, f)) for f in os.listdir(src) if f.endswith(".safetensors"))
     shutil.rmtree(dst, ignore_errors=True)
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "nemojax.cli", "convert", "hf-to-orbax", src, dst, "--dtype",
-                             args.dtype], env=dict(os.environ, JAX_PLATFORMS="cpu"), stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)          # this child's own rusage
-    wall = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status):
-        sys.exit(proc.stderr.read().decode()[-2000:])
+    with open(os.path.join(args.dir, "convert.log"), "w+") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "nemojax.cli", "convert", "hf-to-orbax", src, dst, "--dtype",
+                                 args.dtype], env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=log, stderr=log)
+        _, status, usage = os.wait4(proc.pid, 0)          # this child's own rusage
+        wall = time.perf_counter() - t0
+        if os.waitstatus_to_exitcode(status):
+            log.seek(0)
+            sys.exit(log.read()[-2000:])
     peak = usage.ru_maxrss * 1024                     # kB on Linux
     out = {"parameters": n, "dtype": args.dtype, "checkpoint_bytes": files, "peak_rss_bytes": peak,
            "peak_rss_over_checkpoint": round(peak / files, 2), "convert_seconds": round(wall, 1)}

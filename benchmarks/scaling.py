@@ -192,7 +192,7 @@ def main():
                     if key not in results:
                         try:
                             results[key] = compile_row(name, cfg, gen, chips, case, batch, row["seq_len"])
-                        except Exception as e:                  # recorded, so the table says why
+                        except Exception as e:                  # reported; the row stays "not yet"
                             print(f"{key}: {str(e).splitlines()[0][:200]}", file=sys.stderr)
                             break
                         with open(args.results, "a") as f:

@@ -158,9 +158,10 @@ def matmul_params(cfg: ModelConfig) -> dict:
 
 
 def model_flops(cfg: ModelConfig, step: Step, batch: int, seq_len: int) -> float:
-    """Model FLOPs of one step: 2 per multiply-add of every matmul a token passes through (x3 with the backward
-    pass), plus causal attention scores and values (QK^T and PV, half the square) and the SSD's state-passing
-    matmuls counted as in the Mamba-2 paper (~ 2 x 3 x heads x head_dim x state per token, chunked form)."""
+    """Model FLOPs of one step of the main model (not the MTP head): 2 per multiply-add of every matmul a token
+    passes through (x3 with the backward pass; prefill scores the last position only), plus causal attention
+    scores and values (QK^T and PV, half the square) and the SSD's state-passing matmuls counted as in the
+    Mamba-2 paper (~ 2 x 3 x heads x head_dim x state per token, chunked form)."""
     weights = sum(matmul_params(cfg).values())
     n_attn, n_mamba = cfg.pattern.count("*"), cfg.pattern.count("M")
     ssd = 6 * cfg.mamba_num_heads * cfg.mamba_head_dim * cfg.ssm_state_size
@@ -170,7 +171,9 @@ def model_flops(cfg: ModelConfig, step: Step, batch: int, seq_len: int) -> float
     tokens = batch * seq_len
     attn = 2 * cfg.num_attention_heads * cfg.head_dim * seq_len                     # causal: seq_len / 2 keys avg
     forward = tokens * (2 * weights + n_attn * attn + n_mamba * ssd)
-    return 3 * forward if step == "train" else forward
+    if step == "prefill":                   # logits of the last position only
+        return forward - (tokens - batch) * 2 * matmul_params(cfg)["lm_head"]
+    return 3 * forward
 
 
 # ---------------------------------------------------------------------------------------------------- programs
@@ -307,6 +310,8 @@ def compile_plan(cfg: ModelConfig, topology: str, mesh: MeshConfig = MeshConfig(
     if step not in ("train", "prefill", "decode"):
         raise ConfigError(f"--step must be train, prefill or decode, got {step!r}")
     runtime = dict(dtype="bfloat16", param_dtype="float32" if step == "train" else "bfloat16")
+    if cfg.runtime.moe_impl == "auto":     # 'auto' resolves by the host's backend (CPU here): use the TPU choice
+        runtime["moe_impl"] = "ragged"
     if remat is not None:
         runtime["remat"] = remat
     cfg = cfg.replace(runtime=dataclasses.replace(cfg.runtime, **runtime))
@@ -315,7 +320,7 @@ def compile_plan(cfg: ModelConfig, topology: str, mesh: MeshConfig = MeshConfig(
     data = mesh_obj.shape["data"] * mesh_obj.shape["fsdp"]
     batch = batch or (data if step == "train" else 1)
     seq_len = seq_len or (8192 if step == "train" else cfg.max_position_embeddings)
-    if batch % data and batch >= data:
+    if batch % data and (step == "train" or batch >= data):     # (inference may replicate a small batch)
         raise ConfigError(f"--batch {batch} is not divisible by the data x fsdp mesh axes ({data})")
     plan = {"model_layers": cfg.num_layers, "step": step, "topology": topo.name, "topology_shape": topo.jax_name,
             "chips": topo.chips, "mesh": {a: int(s) for a, s in mesh_obj.shape.items()}, "batch": batch,
@@ -344,9 +349,10 @@ def compile_plan(cfg: ModelConfig, topology: str, mesh: MeshConfig = MeshConfig(
     flops_model = model_flops(cfg, step, batch, seq_len) / topo.chips
     plan["model_flops_per_chip"] = flops_model
     if compiled is None:
-        # the compiler names the temporaries it needed (arguments come on top) and stops before costing the program
-        breakdown["temporaries"] = required
-        plan.update(fits=False, hbm_bytes_per_chip=sum(breakdown.values()), hbm=breakdown, flops_per_step=None,
+        # the compiler names the total it needed (its "temporaries" figure includes the arguments and outputs)
+        # and stops before costing the program
+        breakdown["temporaries_and_outputs"] = max(0, required - sum(breakdown.values()))
+        plan.update(fits=False, hbm_bytes_per_chip=required, hbm=breakdown, flops_per_step=None,
                     roofline_step_seconds=None, tokens_per_second=None, mfu=None)
         return plan
     mem, cost = compiled.memory_analysis(), compiled.cost_analysis()

@@ -339,7 +339,7 @@ def _read_params(layout: list[HFTensor], found: dict, abstract_state, mesh, stat
     the default device, each shard read straight from the safetensors byte ranges it needs (safetensors
     slicing): a process reads only the blocks its own devices hold, once per distinct block."""
     import jax
-    from jax.sharding import NamedSharding, SingleDeviceSharding
+    from jax.sharding import NamedSharding
 
     from nemojax.sharding import variable_spec
 
@@ -374,8 +374,6 @@ def _read_params(layout: list[HFTensor], found: dict, abstract_state, mesh, stat
                 continue
             target = var.get_value()
             shape = tuple(target.shape)
-            sharding = (NamedSharding(mesh, variable_spec(path, var, axes)) if mesh is not None
-                        else SingleDeviceSharding(jax.devices()[0]))
             parts = sources[path]
             done: dict[tuple, np.ndarray] = {}
 
@@ -390,7 +388,11 @@ def _read_params(layout: list[HFTensor], found: dict, abstract_state, mesh, stat
                     done[key] = out
                 return done[key]
 
-            values[path] = jax.make_array_from_callback(shape, sharding, block)
+            if mesh is None:        # one block, on the default device (uncommitted, as jnp.asarray places it)
+                values[path] = jnp.asarray(block(tuple(slice(0, n) for n in shape)))
+            else:
+                values[path] = jax.make_array_from_callback(
+                    shape, NamedSharding(mesh, variable_spec(path, var, axes)), block)
     finally:
         for handle in handles.values():
             handle.__exit__(None, None, None)
