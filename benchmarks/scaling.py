@@ -40,6 +40,21 @@ CONTEXT = {"nemotron3_nano_30b_a3b": 1048576}      # beyond config.json's max_po
 CASES = {"train": ("train", None), "decode1": ("decode", 1), "decode32": ("decode", 32)}
 
 
+NOTES = [
+    "- Compiled train rows so far: Nemotron-H 8B (v5p-8, batch 4, 296 s) and 56B (v5p-64, batch 32, 947 s); "
+    "a train step takes 5-16 minutes to compile on the 2-core host, so the other train rows are plans.",
+    "- Nemotron 3 Super's train step compiles through the TPU compiler but is refused for memory on v5p-128 "
+    "(pure FSDP, batch 64: the compiler asks 6 TB per chip). Its MoE layers use `jax.lax.ragged_dot`; at tiny "
+    "size its temporaries grow with the expert count, so the expert dispatch, not the plan, is what does not "
+    "scale (a grouped-matmul kernel or shard_map expert parallelism is the fix). The MoE train plans are "
+    "therefore unverified.",
+    "- 56B on v6e: no slice up to v6e-256 fits with FSDP alone (one 8192-token sequence per chip needs ~24 GB "
+    "of activations and logits); tensor parallelism or sequence sharding would be needed and is not planned here.",
+    "- MFU \"n/a\": the compiler's FLOP count of the partitioned program came out below the model FLOPs, so the "
+    "roofline is the model FLOPs at peak and says nothing about utilisation.",
+]
+
+
 def context(name: str, cfg: ModelConfig) -> int:
     return CONTEXT.get(name, cfg.max_position_embeddings)
 
@@ -147,9 +162,11 @@ def render(rows: list[dict], results: dict) -> str:
             planned = slice_name(r["generation"], r["chips"]) if r["chips"] else "none"
             if best:
                 tps = best.get("tokens_per_second")
+                # the MFU of a roofline is meaningful only where the compiler counted at least the model's FLOPs
+                counted = best.get("mfu") and best["flops_per_step"] >= best["model_flops_per_chip"]
+                mfu = f"{best['mfu']:.0%}" if counted else "n/a" if best.get("mfu") else "–"
                 cells = [best["topology"], gb(best["hbm_bytes_per_chip"]), "yes" if best["fits"] else "no",
-                         f"{tps:,.0f}" if tps else "–", f"{best['mfu']:.0%}" if best.get("mfu") else "–",
-                         f"{best['compile_seconds']:.0f}"]
+                         f"{tps:,.0f}" if tps else "–", mfu, f"{best['compile_seconds']:.0f}"]
             else:
                 tps, mfu = (roofline(r["cfg"], CHIPS[r["generation"]], r["chips"], CASES[case][0], r["batch"],
                                      r["seq_len"]) if r["chips"] else (None, None))
@@ -158,6 +175,7 @@ def render(rows: list[dict], results: dict) -> str:
             lines.append(f"| {r['config']} | {r['seq_len']:,} | {r['generation']} | {planned} | "
                          f"{gb(r.get('estimate_bytes'))} | " + " | ".join(cells) + f" | {r['h100'] or '>1024'} |")
         lines.append("")
+    lines += ["## Notes", "", *NOTES]
     return "\n".join(lines)
 
 

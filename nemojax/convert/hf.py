@@ -369,9 +369,12 @@ def _read_params(layout: list[HFTensor], found: dict, abstract_state, mesh, stat
     axes = dict(mesh.shape) if mesh is not None else {}
     values = {}
     try:
-        for path, var in abstract_state.flat_state():
-            if path not in sources:
-                continue
+        # parameters in the order of their files, each file closed after its last reader: a mapped file's read
+        # pages count toward the process's memory while it is open
+        params = sorted(((path, var) for path, var in abstract_state.flat_state() if path in sources),
+                        key=lambda pv: min(found[t.name][0] for t, _ in sources[pv[0]]))
+        last_reader = {found[t.name][0]: path for path, _ in params for t, _ in sources[path]}
+        for path, var in params:
             target = var.get_value()
             shape = tuple(target.shape)
             parts = sources[path]
@@ -393,6 +396,8 @@ def _read_params(layout: list[HFTensor], found: dict, abstract_state, mesh, stat
             else:
                 values[path] = jax.make_array_from_callback(
                     shape, NamedSharding(mesh, variable_spec(path, var, axes)), block)
+            for file in [f for f, reader in last_reader.items() if reader == path and f in handles]:
+                handles.pop(file).__exit__(None, None, None)
     finally:
         for handle in handles.values():
             handle.__exit__(None, None, None)
