@@ -1,35 +1,19 @@
 """Two JAX processes on CPU (jax.distributed + gloo) train with per-host data rows, checkpoint from both hosts,
 resume, and reproduce a single-process run of the same global batch."""
 
-import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import numpy as np
+from process_helpers import free_port, result
+from process_helpers import launch as launch_worker
 
 WORKER = os.path.join(os.path.dirname(__file__), "multiprocess_worker.py")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def launch(pid, n, port, ckpt, *mode):
-    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-    return subprocess.Popen([sys.executable, WORKER, str(pid), str(n), str(port), str(ckpt), *mode], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def result(proc) -> dict:
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out[-3000:]
-    return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+    return launch_worker(WORKER, pid, n, port, ckpt, *mode)
 
 
 def test_two_processes_match_one(tmp_path):

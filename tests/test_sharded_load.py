@@ -1,11 +1,7 @@
 """Sharded streaming load (issue 18): two JAX processes load one HF checkpoint onto a mesh that spans them; each
 reads only the safetensors byte ranges of its own shards, and the model equals a single-process load bit for bit."""
 
-import json
 import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,27 +9,15 @@ import pytest
 pytest.importorskip("transformers")
 
 from hf_helpers import TINY_MOE, build_hf_model, save_hf_model  # noqa: E402
+from process_helpers import free_port, result  # noqa: E402
+from process_helpers import launch as launch_worker  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(__file__), "sharded_load_worker.py")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def launch(pid, n, port, directory):
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2" if n > 1 else "")
-    return subprocess.Popen([sys.executable, WORKER, str(pid), str(n), str(port), str(directory)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def result(proc) -> dict:
-    out, _ = proc.communicate(timeout=900)
-    assert proc.returncode == 0, out[-3000:]
-    return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+    return launch_worker(WORKER, pid, n, port, directory,
+                         xla_flags="--xla_force_host_platform_device_count=2" if n > 1 else "")
 
 
 def test_two_processes_read_only_their_shards_and_load_the_same_model(tmp_path):
