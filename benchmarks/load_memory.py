@@ -55,11 +55,9 @@ def main():
         build_checkpoint(os.path.join(args.dir, "hf"), args.hidden, args.layers, args.dtype)
         return
     src, dst = os.path.join(args.dir, "hf"), os.path.join(args.dir, "orbax")
-    if os.path.isfile(os.path.join(src, "config.json")):
-        n = build_checkpoint(src, args.hidden, args.layers, args.dtype)
-    else:                           # in a child, so that its peak memory is not this process's
+    if not os.path.isfile(os.path.join(src, "config.json")):   # built in a child, whose memory is not this one's
         subprocess.run([sys.executable, __file__, "--build-only", *sys.argv[1:]], check=True)
-        n = build_checkpoint(src, args.hidden, args.layers, args.dtype)
+    n = build_checkpoint(src, args.hidden, args.layers, args.dtype)     # (the parameter count; already built)
     files = sum(os.path.getsize(os.path.join(src, f)) for f in os.listdir(src) if f.endswith(".safetensors"))
     shutil.rmtree(dst, ignore_errors=True)
     t0 = time.perf_counter()

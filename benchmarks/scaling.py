@@ -30,7 +30,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nemojax.aot import CHIPS, H100, Chip, model_flops  # noqa: E402
+from nemojax.aot import CHIPS, H100, Chip, Topology, model_flops  # noqa: E402
 from nemojax.config import ModelConfig  # noqa: E402
 from nemojax.convert.hf import param_count  # noqa: E402
 
@@ -97,7 +97,7 @@ def plan_row(name: str, cfg: ModelConfig, case: str, chip: Chip) -> dict:
 
 
 def slice_name(generation: str, chips: int) -> str:
-    return f"{generation}-{chips * CHIPS[generation].cores_per_chip}"
+    return Topology(generation, CHIPS[generation].shapes[chips], chips).name
 
 
 def load_results(path: str) -> dict:

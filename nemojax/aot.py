@@ -25,25 +25,27 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 import time
 from typing import Literal, Optional
 
-# libtpu takes a machine-wide lock and queries cloud metadata by default; neither applies to AOT compilation
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")     # (no TPU VM: silences libtpu's host detection)
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-
-from nemojax.config import ConfigError, ModelConfig  # noqa: E402
-from nemojax.sharding import AXES, MeshConfig, logical_to_spec, make_mesh, mesh_shape, variable_spec  # noqa: E402
+from nemojax.config import ConfigError, ModelConfig
+from nemojax.sharding import (
+    AXES,
+    MeshConfig,
+    logical_to_spec,
+    make_mesh,
+    mesh_shape,
+    shard_abstract,
+    shard_abstract_cache,
+)
+from pallas_kernels import aot as _libtpu_env  # noqa: F401  (sets libtpu's environment for AOT compilation)
 
 Step = Literal["train", "prefill", "decode"]
 GiB = 2 ** 30
@@ -177,34 +179,7 @@ def model_flops(cfg: ModelConfig, step: Step, batch: int, seq_len: int) -> float
 
 
 # ---------------------------------------------------------------------------------------------------- programs
-def _struct(x, sharding):
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-
-
-def _state_structs(state, mesh):
-    """Abstract nnx state -> the same tree of ShapeDtypeStructs carrying each variable's NamedSharding."""
-    axes = dict(mesh.shape)
-    for path, var in state.flat_state():
-        var.set_value(_struct(var.get_value(), NamedSharding(mesh, variable_spec(path, var, axes))))
-    return state
-
-
-def _cache_structs(cache, mesh):
-    axes = dict(mesh.shape)
-
-    def one(c):
-        if c is None:
-            return None
-        return c._replace(**{name: _struct(getattr(c, name), NamedSharding(
-            mesh, logical_to_spec(c.LOGICAL_AXES[name], getattr(c, name).shape, axes) if c.LOGICAL_AXES[name]
-            else P())) for name in c._fields})
-
-    return tuple(one(c) for c in cache)
-
-
 def _train_program(cfg: ModelConfig, mesh, batch: int, seq_len: int, precision: str):
-    import optax
-
     from nemojax.model import NemotronH
     from nemojax.quant.recipe import apply_precision
     from nemojax.train.optim import make_optimizer, schedule
@@ -219,9 +194,8 @@ def _train_program(cfg: ModelConfig, mesh, batch: int, seq_len: int, precision: 
 
     model, opt = nnx.eval_shape(build)
     graphdef, state = nnx.split((model, opt))
-    state = _state_structs(state, mesh)
+    state = shard_abstract(state, mesh)
     step = make_train_step(cfg, train_cfg, schedule(train_cfg.optim, train_cfg.steps), jit=False)
-    del optax
 
     def train_step(state, tokens):
         model, opt = nnx.merge(graphdef, state)
@@ -239,10 +213,11 @@ def _inference_program(cfg: ModelConfig, mesh, step: Step, batch: int, seq_len: 
     from nemojax.generate import _decode_step, _prefill
     from nemojax.model import NemotronH
 
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: NemotronH(cfg, nnx.Rngs(0))))
-    state = _state_structs(state, mesh)
+    model = nnx.eval_shape(lambda: NemotronH(cfg, nnx.Rngs(0)))
+    cache = jax.eval_shape(lambda: model.init_cache(batch, seq_len)) if step == "decode" else None
+    graphdef, state = nnx.split(model)
+    state = shard_abstract(state, mesh)
     axes = dict(mesh.shape)
-    rows = NamedSharding(mesh, logical_to_spec(("batch",), (batch,), axes))
     if step == "prefill":
         chunk = prefill_chunk if prefill_chunk and seq_len > prefill_chunk else None
         if chunk and seq_len % chunk:
@@ -256,9 +231,9 @@ def _inference_program(cfg: ModelConfig, mesh, step: Step, batch: int, seq_len: 
             return _prefill(graphdef, state, ids, mask, seq_len, chunk)
 
         return jax.jit(prefill), (state, ids, mask)
-    model = nnx.eval_shape(lambda: NemotronH(cfg, nnx.Rngs(0)))
-    cache = _cache_structs(jax.eval_shape(lambda: model.init_cache(batch, seq_len)), mesh)
-    tokens = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows)
+    cache = shard_abstract_cache(cache, mesh)
+    tokens = jax.ShapeDtypeStruct((batch,), jnp.int32,
+                                  sharding=NamedSharding(mesh, logical_to_spec(("batch",), (batch,), axes)))
 
     def decode(state, tokens, cache):
         return _decode_step(graphdef, state, tokens, cache)

@@ -221,7 +221,7 @@ class ModelConfig:
         check_bounds(self, "model", 0.0, "layer_norm_epsilon", "time_step_min", "max_position_embeddings",
                      "routed_scaling_factor", strict=True)
         check_bounds(self, "model", 0.0, "initializer_range", "time_step_floor", "intermediate_size",
-                     "moe_intermediate_size", "moe_shared_expert_intermediate_size")
+                     "moe_intermediate_size", "moe_shared_expert_intermediate_size", "attn_softcap")
         if self.time_step_max < self.time_step_min:
             raise ConfigError(f"time_step_max ({self.time_step_max}) must be >= time_step_min ({self.time_step_min})")
         for name in ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -235,8 +235,6 @@ class ModelConfig:
         if "M" in self.pattern and self.mamba_num_heads % self.n_groups:
             raise ConfigError(f"mamba_num_heads ({self.mamba_num_heads}) must be divisible by "
                               f"n_groups ({self.n_groups})")
-        if self.attn_softcap < 0:
-            raise ConfigError(f"attn_softcap must be >= 0 (0 disables), got {self.attn_softcap}")
         if "-" in self.pattern and self.intermediate_size <= 0:
             raise ConfigError(f"intermediate_size must be positive for '-' layers, got {self.intermediate_size}")
         check_choices(self, "model")

@@ -113,6 +113,17 @@ def shard_model(model, mesh: Mesh):
     return model
 
 
+def shard_abstract(state, mesh: Mesh):
+    """An abstract nnx state (nnx.eval_shape) whose values become ShapeDtypeStructs carrying each variable's
+    NamedSharding on `mesh` (its logical axes), in place: what Orbax restores into and AOT compiles over."""
+    mesh_axes = dict(mesh.shape)
+    for path, var in state.flat_state():
+        value = var.get_value()
+        var.set_value(jax.ShapeDtypeStruct(value.shape, value.dtype,
+                                           sharding=NamedSharding(mesh, variable_spec(path, var, mesh_axes))))
+    return state
+
+
 def constrain(x: jax.Array, logical: tuple) -> jax.Array:
     """Pins activation x to the mesh axes of its logical axes when a mesh is set with jax.set_mesh (the trainer
     sets its mesh around each step); a no-op without one."""
@@ -133,6 +144,20 @@ def constrain_cache(cache: tuple) -> tuple:
             return c
         return c._replace(**{name: constrain(getattr(c, name), axes) for name, axes in c.LOGICAL_AXES.items()
                              if axes})
+
+    return tuple(one(c) for c in cache)
+
+
+def shard_abstract_cache(cache: tuple, mesh: Mesh) -> tuple:
+    """Abstract per-layer caches (jax.eval_shape of init_cache) as ShapeDtypeStructs carrying the NamedShardings
+    of their LOGICAL_AXES on `mesh` (scalars such as the write position replicated)."""
+    mesh_axes = dict(mesh.shape)
+
+    def one(c):
+        if c is None:
+            return c
+        return c._replace(**{name: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
+            mesh, logical_to_spec(c.LOGICAL_AXES[name], x.shape, mesh_axes))) for name, x in c._asdict().items()})
 
     return tuple(one(c) for c in cache)
 

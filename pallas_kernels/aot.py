@@ -23,6 +23,7 @@ from jax.sharding import SingleDeviceSharding
 # libtpu takes a machine-wide lock and queries cloud metadata by default; neither applies to AOT compilation
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")     # (no TPU VM: silences libtpu's host detection)
 
 
 def libtpu_available() -> bool:

@@ -11,6 +11,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
+from compile_helpers import need_libtpu
 
 from nemojax import aot
 from nemojax.config import ConfigError, ModelConfig
@@ -18,13 +19,6 @@ from nemojax.model import abstract_model
 from pallas_kernels import aot as kernel_aot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def need_libtpu():
-    if not kernel_aot.libtpu_available():
-        if os.environ.get("CI"):
-            pytest.fail("the TPU compile tier needs libtpu in CI (pip install -e '.[tpu]')")
-        pytest.skip("libtpu is not installed (pip install -e '.[tpu]')")
 
 
 def test_topology_names():

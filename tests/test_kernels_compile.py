@@ -14,6 +14,7 @@ import os
 import jax
 import jax.numpy as jnp
 import pytest
+from compile_helpers import need_libtpu
 from flax import nnx
 
 from nemojax.config import ModelConfig
@@ -49,10 +50,7 @@ def linear_shapes(name: str) -> list:
 def lowered(target: str, fn, *args):
     if target == "cuda":
         return aot.lower_for_cuda(fn, *args)
-    if not aot.libtpu_available():
-        if os.environ.get("CI"):
-            pytest.fail("the TPU compile tier needs libtpu in CI (pip install -e '.[tpu]')")
-        pytest.skip("libtpu is not installed (pip install -e '.[tpu]')")
+    need_libtpu()
     return aot.lower_for_tpu(fn, *args, topology=target)
 
 

@@ -30,7 +30,7 @@ ALLOWED = {     # part of nemojax -> the parts it may import (besides itself); p
     "quant": {"config", "layers", "model", "pallas_kernels"},
     "convert": {"config", "model", "quant", "fs", "sharding"},
     "train": {"config", "sharding", "layers", "model", "quant", "convert", "tokenizer", "fs"},
-    "aot": {"config", "sharding", "model", "generate", "quant", "train"},
+    "aot": {"config", "sharding", "model", "generate", "quant", "train", "pallas_kernels"},
 }
 CORE = ("config", "sharding", "ssd", "layers", "model")       # no imports inside functions
 TRAIN_FROM_LAYERS = {"Mode", "ExpertBias", "RouterLoad", "AuxLoss"}

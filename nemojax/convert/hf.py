@@ -18,13 +18,16 @@ import os
 import re
 from typing import Iterable, Optional
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from nemojax.config import LAYER_KINDS, ModelConfig
 from nemojax.fs import copy_tokenizer_files, replace_directory, storage_reason
 from nemojax.model import PERSISTENT, NemotronH, abstract_model, materialize
+from nemojax.sharding import variable_spec
 
 logger = logging.getLogger(__name__)
 
@@ -338,11 +341,6 @@ def _read_params(layout: list[HFTensor], found: dict, abstract_state, mesh, stat
     """{our parameter path: jax.Array} placed by each parameter's sharding on `mesh` (its logical axes) or on
     the default device, each shard read straight from the safetensors byte ranges it needs (safetensors
     slicing): a process reads only the blocks its own devices hold, once per distinct block."""
-    import jax
-    from jax.sharding import NamedSharding
-
-    from nemojax.sharding import variable_spec
-
     sources: dict[tuple, list] = {}                 # our path -> [(HF tensor, piece)], experts in index order
     for t in layout:
         for piece in t.pieces:

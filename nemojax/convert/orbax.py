@@ -24,6 +24,7 @@ from nemojax.convert.hf import CheckpointError, load_hf, save_hf
 from nemojax.fs import check_writable_target, copy_tokenizer_files, replace_directory, storage_reason
 from nemojax.model import PERSISTENT, NemotronH, abstract_model, materialize
 from nemojax.quant.pack import PackedWeight, PackSpec, pack_model
+from nemojax.sharding import shard_abstract
 
 CONFIG_FILE = "nemojax_config.json"
 PACK_FILE = "nemojax_pack.json"
@@ -95,27 +96,12 @@ def load_orbax(directory: str, dtype: Optional[str] = None, mesh=None) -> Nemotr
     cfg = read_config(directory)
     graphdef, abstract_state = abstract_model(cfg)
     if mesh is not None:
-        abstract_state = sharded_structs(abstract_state, mesh)
+        abstract_state = shard_abstract(abstract_state, mesh)
     target = nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, abstract_state), PERSISTENT))
     model = materialize(graphdef, abstract_state, restore_params(directory, target))
     if dtype is not None and dtype != cfg.runtime.param_dtype:
         model = cast_model(model, dtype)
     return model
-
-
-def sharded_structs(abstract_state, mesh):
-    """An abstract nnx state whose values become ShapeDtypeStructs carrying each variable's NamedSharding on
-    `mesh` (from its logical axes): Orbax restores into exactly those shards."""
-    from jax.sharding import NamedSharding
-
-    from nemojax.sharding import variable_spec
-
-    axes = dict(mesh.shape)
-    for path, var in abstract_state.flat_state():
-        value = var.get_value()
-        var.set_value(jax.ShapeDtypeStruct(value.shape, value.dtype,
-                                           sharding=NamedSharding(mesh, variable_spec(path, var, axes))))
-    return abstract_state
 
 
 def save_packed(model: NemotronH, directory: str, spec: PackSpec, force: bool = False,
