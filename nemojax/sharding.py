@@ -113,14 +113,16 @@ def shard_model(model, mesh: Mesh):
     return model
 
 
-def shard_abstract(state, mesh: Mesh):
+def shard_abstract(state, mesh: Optional[Mesh] = None):
     """An abstract nnx state (nnx.eval_shape) whose values become ShapeDtypeStructs carrying each variable's
-    NamedSharding on `mesh` (its logical axes), in place: what Orbax restores into and AOT compiles over."""
-    mesh_axes = dict(mesh.shape)
+    NamedSharding on `mesh` (its logical axes), in place: what Orbax restores into and AOT compiles over.
+    mesh None: every value on this process's first device."""
+    mesh_axes = dict(mesh.shape) if mesh is not None else {}
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     for path, var in state.flat_state():
         value = var.get_value()
-        var.set_value(jax.ShapeDtypeStruct(value.shape, value.dtype,
-                                           sharding=NamedSharding(mesh, variable_spec(path, var, mesh_axes))))
+        sharding = NamedSharding(mesh, variable_spec(path, var, mesh_axes)) if mesh is not None else one
+        var.set_value(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding))
     return state
 
 

@@ -39,3 +39,30 @@ def test_two_processes_read_only_their_shards_and_load_the_same_model(tmp_path):
     assert multi0["bytes_read"] + multi1["bytes_read"] >= single["bytes_read"]
     assert multi0["digest"] == multi1["digest"] == single["digest"]
     np.testing.assert_allclose(multi0["logits"], single["logits"], rtol=2e-5, atol=2e-5)
+
+
+def test_cli_convert_on_a_mesh_writes_the_same_model(tmp_path):
+    """`nemojax convert hf-to-orbax --mesh tensor=2` (two devices) reads the tensors into their shards and writes
+    the same parameters as the conversion on one device."""
+    import subprocess
+    import sys
+
+    from flax import nnx
+
+    from nemojax.convert.orbax import load_orbax
+    from nemojax.model import PERSISTENT
+
+    directory = save_hf_model(build_hf_model(seed=5, **TINY_MOE), tmp_path / "hf")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name, extra in (("sharded", ["--mesh", "tensor=2"]), ("single", [])):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+        proc = subprocess.run([sys.executable, "-m", "nemojax.cli", "convert", "hf-to-orbax", directory,
+                               str(tmp_path / name), *extra], cwd=root, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    sharded, single = (dict(nnx.state(load_orbax(str(tmp_path / n)), PERSISTENT).flat_state())
+                       for n in ("sharded", "single"))
+    assert sharded.keys() == single.keys()
+    for path in single:
+        np.testing.assert_array_equal(np.asarray(sharded[path].get_value()), np.asarray(single[path].get_value()),
+                                      err_msg=str(path))

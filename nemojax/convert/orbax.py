@@ -94,9 +94,10 @@ def load_orbax(directory: str, dtype: Optional[str] = None, mesh=None) -> Nemotr
     the chunks of its own devices (Orbax / tensorstore)."""
     directory = os.path.abspath(directory)
     cfg = read_config(directory)
+    # explicit target shardings: without them Orbax restores onto the devices the model was saved from, which a
+    # model written from a mesh (convert --mesh) names and this process may not have
     graphdef, abstract_state = abstract_model(cfg)
-    if mesh is not None:
-        abstract_state = shard_abstract(abstract_state, mesh)
+    abstract_state = shard_abstract(abstract_state, mesh)
     target = nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, abstract_state), PERSISTENT))
     model = materialize(graphdef, abstract_state, restore_params(directory, target))
     if dtype is not None and dtype != cfg.runtime.param_dtype:
@@ -125,6 +126,7 @@ def load_packed(directory: str) -> NemotronH:
         return model
 
     graphdef, state = nnx.split(nnx.eval_shape(build))
+    state = shard_abstract(state)                # onto this process's device, whatever the model was saved from
     target = nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, state), (*PERSISTENT, PackedWeight)))
     return materialize(graphdef, state, restore_params(directory, target))
 
