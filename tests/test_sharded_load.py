@@ -66,3 +66,28 @@ def test_cli_convert_on_a_mesh_writes_the_same_model(tmp_path):
     for path in single:
         np.testing.assert_array_equal(np.asarray(sharded[path].get_value()), np.asarray(single[path].get_value()),
                                       err_msg=str(path))
+
+
+def test_repeated_loads_onto_a_cpu_mesh_do_not_deadlock(tmp_path):
+    """Regression: restore_params checked each parameter for NaN/Inf with its own small program, which put many
+    independent programs with an all-reduce in flight at once; XLA:CPU's in-process collectives deadlocked on
+    that within ~20 loads onto a two-device mesh (the CI failure of `generate --mesh`). One program checks all."""
+    import subprocess
+    import sys
+
+    from flax import nnx
+
+    from nemojax import ModelConfig, NemotronH, save_orbax
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    save_orbax(NemotronH(ModelConfig.from_yaml(os.path.join(root, "configs/tiny.yaml")), nnx.Rngs(0)),
+               str(tmp_path / "m"))
+    code = ("import sys\nfrom nemojax import load_orbax\nfrom nemojax.sharding import make_mesh, parse_mesh\n"
+            "mesh = make_mesh(parse_mesh('tensor=2'))\nfor _ in range(40):\n    load_orbax(sys.argv[1], mesh=mesh)\n"
+            "print('loaded 40 times')\n")
+    # a stuck collective aborts the process after 60 s instead of hanging the suite
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2 "
+               "--xla_cpu_collective_call_terminate_timeout_seconds=60")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m")], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0 and "loaded 40 times" in proc.stdout, proc.stderr[-2000:]

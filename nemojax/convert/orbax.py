@@ -68,6 +68,13 @@ def read_config(directory: str) -> ModelConfig:
     return ModelConfig.from_dict(raw, what=cfg_file)
 
 
+@jax.jit
+def _all_finite(arrays: list) -> list:
+    """[all elements finite] per array, as one program: one dispatch per array would put many independent
+    programs with collectives in flight at once, which XLA:CPU's collectives can deadlock on a mesh."""
+    return [jnp.isfinite(a).all() for a in arrays]
+
+
 def restore_params(directory: str, target: dict) -> dict:
     """The saved variables as {path tuple: array} (what `materialize` takes), restored with the structure,
     shapes and dtypes of the pure-dict `target`."""
@@ -79,8 +86,8 @@ def restore_params(directory: str, target: dict) -> dict:
     except Exception as e:                             # tensorstore / Orbax errors for missing or damaged files
         raise CheckpointError(f"{directory}/{PARAMS_DIR} cannot be read ({storage_reason(e)}); the model "
                               f"directory is damaged") from e
-    finite = jax.device_get({path: jnp.isfinite(a).all() for path, a in flat.items()     # one transfer
-                             if jnp.issubdtype(a.dtype, jnp.inexact)})
+    paths = [path for path, a in flat.items() if jnp.issubdtype(a.dtype, jnp.inexact)]
+    finite = dict(zip(paths, jax.device_get(_all_finite([flat[path] for path in paths]))))
     for path, ok in finite.items():
         if not ok:
             raise CheckpointError(f"{'.'.join(map(str, path))} in {directory} holds non-finite values (NaN or "
