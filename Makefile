@@ -24,7 +24,7 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 	touch $@
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/nemojax train --config configs/tiny.yaml
+	$(VENV)/bin/nemojax train --config tiny
 	$(VENV)/bin/nemojax generate --model checkpoints/tiny/model --prompt "def " --max-new-tokens 200 \
 		--temperature 0.8 --top-k 40 --ignore-eos
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nemojax.config import LAYER_KINDS, ModelConfig
+from nemojax.config import LAYER_KINDS, ModelConfig, shipped_configs
 from nemojax.convert.auto import load_model
 from nemojax.convert.hf import param_count
 from nemojax.convert.orbax import PACK_FILE, hf_to_orbax, orbax_to_hf, save_packed
@@ -41,6 +41,7 @@ def _cmd_convert(args) -> int:
 
 
 def _load_config(path: str):
+    """A model config from a YAML file, a shipped config's name or an HF checkpoint directory."""
     if os.path.isdir(path):
         return ModelConfig.from_hf(path)
     return ModelConfig.from_yaml(path)
@@ -198,11 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_cmd_convert)
 
     i = sub.add_parser("info", help="print layer counts and parameter count of a config (YAML or HF dir)")
-    i.add_argument("--config", default="configs/tiny.yaml")
+    i.add_argument("--config", default="tiny", help=CONFIG_HELP)
     i.set_defaults(func=_cmd_info)
 
     t = sub.add_parser("train", help="train from a run config (resumes from the latest checkpoint)")
-    t.add_argument("--config", default="configs/tiny.yaml")
+    t.add_argument("--config", default="tiny", help=CONFIG_HELP)
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--distributed", choices=["auto", "on", "off"], default="auto",
                    help="jax.distributed.initialize(): auto = when launched as one of several processes")
@@ -253,10 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(func=_cmd_pack)
 
     d = sub.add_parser("demo", help="forward pass of a randomly initialised model")
-    d.add_argument("--config", default="configs/tiny.yaml")
+    d.add_argument("--config", default="tiny", help=CONFIG_HELP)
     d.add_argument("--seq-len", type=int, default=256)
     d.set_defaults(func=_cmd_demo)
     return p
+
+
+CONFIG_HELP = ("a shipped config by name (" + ", ".join(shipped_configs()) + "), a YAML file, or an HF "
+               "checkpoint dir (default: %(default)s)")
 
 
 def _error(command: str, e: BaseException) -> None:

@@ -520,7 +520,33 @@ def _convert(hint, value, what: str):
     return value
 
 
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+def shipped_configs() -> list[str]:
+    """Names of the configs shipped in the package (nemojax/configs/NAME.yaml): the published models and the
+    tiny CPU ones."""
+    return sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml"))
+
+
+def resolve_config(spec: str) -> str:
+    """The YAML file a --config value names: an existing path as given, else a shipped config by its bare name
+    (`nano_v2_12b`), with or without `.yaml`, also written as `configs/NAME.yaml` (the repository's path) from
+    any directory. Anything else is one error listing the shipped configs."""
+    if os.path.exists(spec):
+        return spec
+    head, name = os.path.split(spec)
+    stem = name[:-5] if name.endswith(".yaml") else name[:-4] if name.endswith(".yml") else name
+    if head in ("", "configs", os.path.join("nemojax", "configs")) and stem in shipped_configs():
+        return os.path.join(CONFIG_DIR, f"{stem}.yaml")
+    close = difflib.get_close_matches(stem, shipped_configs(), n=1)
+    raise FileNotFoundError(f"no config {spec!r}: not a file, and not one of the configs shipped with nemojax "
+                            f"({', '.join(shipped_configs())})" + (f"; did you mean {close[0]!r}?" if close else ""))
+
+
 def read_yaml(path: str) -> dict:
+    """A YAML mapping from a file or a shipped config's name (resolve_config)."""
+    path = resolve_config(path)
     if os.path.isdir(path):
         raise ConfigError(f"{path} is a directory, not a YAML config file")
     with open(path) as f:

@@ -1,6 +1,7 @@
 import dataclasses
 import glob
 import json
+import os
 
 import pytest
 
@@ -144,3 +145,45 @@ def test_config_saved_before_the_runtime_section_still_reads(tmp_path):
     del legacy["runtime"]
     (tmp_path / CONFIG_FILE).write_text(json.dumps(legacy))
     assert read_config(str(tmp_path)) == cfg.replace(ssd_impl="chunked")
+
+
+def test_configs_resolve_by_bare_name_and_a_wrong_name_lists_the_shipped_ones(tmp_path, monkeypatch):
+    from nemojax.config import resolve_config, shipped_configs
+
+    monkeypatch.chdir(tmp_path)                       # outside the repository: no ./configs here
+    assert {"tiny", "tiny_moe", "nano_v2_12b", "nemotron3_super_120b_a12b"} <= set(shipped_configs())
+    for spec in ("nano_v2_12b", "nano_v2_12b.yaml", "configs/nano_v2_12b.yaml"):
+        assert ModelConfig.from_yaml(spec).hidden_size == 5120
+    with pytest.raises(FileNotFoundError, match=r"did you mean 'nano_v2_12b'.*") as e:
+        resolve_config("nano_v2_13b")
+    assert "tiny_moe" in str(e.value) and "nemotron_h_56b" in str(e.value)
+    (tmp_path / "tiny.yaml").write_text("model:\n  hidden_size: 64\n")     # a file of that name wins
+    assert resolve_config("tiny.yaml") == "tiny.yaml"
+
+
+def test_the_built_package_ships_its_configs(tmp_path):
+    """What `pip install nemojax` gets: the wheel holds nemojax/configs/*.yaml, and `nemojax info --config NAME`
+    from that install works in a directory without the repository."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = tmp_path / "src"                            # a copy, so the build leaves nothing in the repository
+    for name in ("nemojax", "pallas_kernels"):
+        shutil.copytree(os.path.join(root, name), src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(os.path.join(root, name), src / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path / "wheel"), str(src)], check=True, capture_output=True, timeout=600, cwd=tmp_path)
+    (wheel,) = (tmp_path / "wheel").glob("nemojax-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        z.extractall(tmp_path / "site")
+    assert "nemojax/configs/nano_v2_12b.yaml" in names and "nemojax/configs/tiny.yaml" in names
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"), JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", "import sys, nemojax.cli; assert 'site' in nemojax.cli.__file__; "
+                           "sys.exit(nemojax.cli.main(['info', '--config', 'nano_v2_12b']))"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "parameters: 12,310,001,152" in proc.stdout, proc.stderr[-2000:]

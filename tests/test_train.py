@@ -3,6 +3,8 @@ config errors, the decay mask and schedules."""
 
 import json
 import os
+import re
+import shutil
 
 import jax
 import numpy as np
@@ -108,3 +110,40 @@ def test_train_step_donates_the_model_and_optimizer_state(tmp_path, corpus):
     assert kernel.is_deleted() and moment.is_deleted()                   # their buffers now hold the new state
     assert not t.model.lm_head.kernel[...].is_deleted()
 
+
+
+def test_resuming_checkpoints_of_another_run_is_refused_before_anything_changes(tmp_path, corpus, capsys):
+    """CKPT_DIR/run.json records the architecture, precision recipe and QAD teacher; a run that differs in any of
+    them, or whose train.steps is below the checkpoint's step, is one error naming the difference, and the
+    checkpoints stay as they were. More steps continue the run with a note on the stretched schedule."""
+    run_dir = tmp_path / "run"
+    first = make(run_dir, corpus, "train.steps=5")
+    first.run(progress=False)
+    first.export()
+    before = sorted(os.listdir(run_dir / "checkpoints"))
+    refusals = {("train.steps=5", "train.precision=fp8"): r"another precision recipe \(precision 'bf16' -> 'fp8'\)",
+                ("train.steps=5", "train.quant.bf16_last=3"): r"another precision recipe \(quant.bf16_last None -> 3\)",
+                ("train.steps=5", "model.intermediate_size=96"):
+                    r"another architecture \(intermediate_size 128 -> 96\)",
+                ("train.steps=3",): r"at step 5, past train.steps=3; raise train.steps"}
+    for extra, message in refusals.items():
+        with pytest.raises(ConfigError, match=message):
+            make(run_dir, corpus, *extra).run(progress=False)
+    assert sorted(os.listdir(run_dir / "checkpoints")) == before
+    with pytest.raises(ConfigError, match="lies inside this run's train.ckpt_dir"):
+        make(run_dir, corpus, "train.precision=nvfp4", f"train.qad_teacher={run_dir / 'model'}")
+    for name in ("teacher_a", "teacher_b"):
+        shutil.copytree(run_dir / "model", tmp_path / name)
+    qad = ("train.steps=2", "train.precision=nvfp4")
+    make(tmp_path / "qad", corpus, *qad, f"train.qad_teacher={tmp_path / 'teacher_a'}").run(progress=False)
+    with pytest.raises(ConfigError, match=r"another QAD teacher \(qad_teacher '.*teacher_a' -> '.*teacher_b'\)"):
+        make(tmp_path / "qad", corpus, *qad, f"train.qad_teacher={tmp_path / 'teacher_b'}").run(progress=False)
+    capsys.readouterr()
+    history = make(run_dir, corpus, "train.steps=10").run(progress=False)
+    assert [h["step"] for h in history if "loss" in h] == list(range(6, 11))
+    err = capsys.readouterr().err
+    assert f"resumed from step 5 in {run_dir}" in err
+    # WSD over 5 steps had decayed to its floor at step 5; laid out over 10 it is back at the peak rate
+    lr = OptimConfig().lr
+    assert re.search(rf"train.steps 5 -> 10: the wsd learning-rate schedule .* at step 5 the rate is "
+                     rf"{lr:.3g} \(it was [0-9.e-]+ under 5 steps\)", err), err

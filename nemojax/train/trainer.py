@@ -15,6 +15,7 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Callable, Literal, Optional
@@ -23,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 
 from nemojax.config import ConfigError, ModelConfig, build, check_bounds, check_choices, read_run_config
@@ -216,6 +218,50 @@ class MetricsLog:
             self.tb.close()
 
 
+RUN_FILE = "run.json"          # in ckpt_dir: what the run's checkpoints were trained as (checked on resume)
+
+
+def _say(message: str) -> None:
+    """A one-line note of the trainer on stderr (process 0 only), above the progress bar."""
+    if jax.process_index() == 0:
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"nemojax train: {message}", file=sys.stderr)
+
+
+def _restart_rate(bar, done: int) -> None:
+    """Makes a tqdm bar measure its rate and ETA from now on with `done` steps already done (the compiling
+    first step would otherwise dominate the estimate)."""
+    bar.set_description("train", refresh=False)
+    bar.reset()                                               # clock and rate averages start now
+    bar.initial = bar.n = bar.last_print_n = done
+    bar.refresh()
+
+
+def run_record(model_cfg: ModelConfig, cfg: TrainConfig) -> dict:
+    """What a run's checkpoints depend on: the architecture (not how it runs), the precision recipe, the QAD
+    teacher and the step count its learning-rate schedule was laid out over. JSON-ready."""
+    arch = {k: v for k, v in model_cfg.to_dict().items() if k != "runtime"}
+    record = {"architecture": arch, "precision": cfg.precision, "quant": dataclasses.asdict(cfg.quant),
+              "qad_teacher": _teacher_path(cfg), "steps": cfg.steps}
+    return json.loads(json.dumps(record, default=str))
+
+
+def _teacher_path(cfg: TrainConfig) -> str:
+    return "" if not cfg.qad_teacher or "://" in cfg.qad_teacher else os.path.abspath(cfg.qad_teacher)
+
+
+def _differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(saved.keys() | now.keys()):
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} {a!r} -> {b!r}")
+    return out
+
+
 class Trainer:
     def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, corpus: Optional[Corpus] = None):
         self.model_cfg, self.cfg = model_cfg, cfg
@@ -229,6 +275,11 @@ class Trainer:
         self.ckpt_dir = cfg.ckpt_dir if remote else os.path.abspath(cfg.ckpt_dir)
         self.log_dir = os.path.abspath(cfg.log_dir or ("logs" if remote else cfg.ckpt_dir))
         self.is_chief = jax.process_index() == 0
+        teacher = _teacher_path(cfg)
+        if teacher and not remote and os.path.commonpath([teacher, self.ckpt_dir]) == self.ckpt_dir:
+            raise ConfigError(f"train.qad_teacher {cfg.qad_teacher!r} lies inside this run's train.ckpt_dir "
+                              f"{cfg.ckpt_dir!r}, whose export (CKPT_DIR/model) would overwrite the teacher; give the "
+                              f"QAD run its own train.ckpt_dir")
         self._val_batches = None
         self.lr_schedule = schedule(cfg.optim, cfg.steps)
         self.model = NemotronH(model_cfg, nnx.Rngs(cfg.seed))
@@ -266,6 +317,55 @@ class Trainer:
     def _state_tree(self) -> dict:
         return {"model": nnx.to_pure_dict(nnx.state(self.model, PERSISTENT)),
                 "opt": nnx.to_pure_dict(nnx.state(self.opt))}
+
+    def _check_resume(self, ckpt: Checkpoints) -> Optional[dict]:
+        """Refuses to continue checkpoints trained as something else (architecture, precision recipe, QAD
+        teacher: the record in CKPT_DIR/run.json) or past train.steps, before anything is changed; then records
+        this run. Returns the record the checkpoints were trained under (None: a fresh run, or checkpoints from
+        before run records)."""
+        path = epath.Path(self.ckpt_dir) / RUN_FILE
+        now = run_record(self.model_cfg, self.cfg)
+        steps = ckpt.steps()
+        saved = json.loads(path.read_text()) if steps and path.exists() else None
+        if saved is not None:
+            for what, keys, suffix in (("architecture", ("architecture",), "2"),
+                                       ("precision recipe", ("precision", "quant"), self.cfg.precision),
+                                       ("QAD teacher", ("qad_teacher",), "qad")):
+                pick = (lambda r: r.get(keys[0]) or {}) if keys == ("architecture",) else \
+                    (lambda r: {k: r.get(k) for k in keys})
+                differ = _differences(pick(saved), pick(now))
+                if differ:
+                    raise ConfigError(
+                        f"the checkpoints in {self.ckpt_dir} were trained with another {what} ("
+                        f"{'; '.join(differ[:4])}{'; ...' if len(differ) > 4 else ''}); continue them with the "
+                        f"settings they were started with, or give this run its own train.ckpt_dir (e.g. "
+                        f"train.ckpt_dir={self.cfg.ckpt_dir.rstrip('/')}-{suffix})")
+        chosen = ckpt.choose(self.cfg.resume_from)
+        if chosen is not None and chosen > self.cfg.steps:
+            raise ConfigError(f"the run in {self.ckpt_dir} is at step {chosen}, past train.steps={self.cfg.steps}; "
+                              f"raise train.steps to continue it, or use another train.ckpt_dir for a new run")
+        if self.is_chief:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.parent / f".{RUN_FILE}.writing"
+            tmp.write_text(json.dumps(now, indent=2))
+            tmp.replace(path)
+        return saved
+
+    def _resume_notes(self, saved: Optional[dict], start: int) -> None:
+        """One line each: resumed from which step, a finished run, a schedule stretched by more steps."""
+        cfg = self.cfg
+        if start == 0:
+            return
+        if start == cfg.steps:
+            _say(f"the run in {self.ckpt_dir} already reached step {start} of {cfg.steps}: nothing to train; "
+                 f"its model is exported again (raise train.steps to train further)")
+            return
+        _say(f"resumed from step {start} in {self.ckpt_dir}")
+        if saved is not None and saved.get("steps") not in (None, cfg.steps):
+            before = float(schedule(cfg.optim, saved["steps"])(start))
+            _say(f"train.steps {saved['steps']} -> {cfg.steps}: the {cfg.optim.schedule} learning-rate schedule is "
+                 f"laid out over {cfg.steps} steps now, so at step {start} the rate is "
+                 f"{float(self.lr_schedule(start)):.3g} (it was {before:.3g} under {saved['steps']} steps)")
 
     def _restore(self, ckpt: Checkpoints) -> tuple[int, Optional[dict]]:
         """Restores the step train.resume_from names (see checkpoint.py); (0, None) for a fresh run."""
@@ -305,7 +405,9 @@ class Trainer:
 
         cfg = self.cfg
         ckpt = Checkpoints(self.ckpt_dir, cfg.keep)
+        saved_run = self._check_resume(ckpt)
         start, data_state = self._restore(ckpt)
+        self._resume_notes(saved_run, start)
         self.apply_precision(start)
         switch = cfg.quant.bf16_forward_from_step if cfg.precision != "bf16" else 0
         it = self.corpus.train_iterator(data_state)
@@ -313,8 +415,9 @@ class Trainer:
         log = MetricsLog(self.log_dir, enabled=self.is_chief, resume_step=start)
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len      # inputs (and targets) per step
         end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
-        bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not (progress and self.is_chief),
-                   desc="train", dynamic_ncols=True)
+        # the first step compiles: the bar says so, and its rate and ETA count from the end of that step
+        bar = tqdm(initial=start, total=cfg.steps, disable=not (progress and self.is_chief),
+                   desc="train (compiling the step)" if start < end else "train", dynamic_ncols=True)
         if start == 0:
             record0 = {"step": 0, "val_loss": self.validate()}
             self.history.append(record0)
@@ -322,7 +425,7 @@ class Trainer:
         t_last = time.perf_counter()
         try:
             with _signals_caught() as caught:
-                for step in bar:
+                for step in range(start, end):
                     if switch and step == switch:
                         self.apply_precision(step)
                     with self._mesh_context():
@@ -337,6 +440,10 @@ class Trainer:
                         raise TrainingError(f"non-finite {', '.join(bad)} at step {step + 1}; stopping before saving. "
                                             f"{self._last_good(ckpt)}")
                     record["step"] = step + 1
+                    if step == start:
+                        _restart_rate(bar, step + 1)
+                    else:
+                        bar.update(1)
                     now = time.perf_counter()
                     record["tokens_per_s"] = tokens_per_step / max(now - t_last, 1e-9)
                     t_last = now
