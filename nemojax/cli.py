@@ -106,15 +106,48 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _read_prompts(args) -> list[str]:
+    """--prompt, or the lines of --prompt-file (- for stdin; blank lines skipped)."""
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise ValueError("give exactly one of --prompt and --prompt-file")
+    if args.prompt is not None:
+        return [args.prompt]
+    with (sys.stdin if args.prompt_file == "-" else open(args.prompt_file, encoding="utf-8")) as f:
+        prompts = [line.rstrip("\r\n") for line in f if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompt-file {args.prompt_file}: no prompts (one per line)")
+    return prompts
+
+
 def _cmd_generate(args) -> int:
+    import json
+
+    from nemojax.fs import model_path
+    from nemojax.generate import generate
+
+    prompts = _read_prompts(args)
+    path = model_path(args.model)                              # a directory, or a Hub id in the local HF cache
     mesh = make_mesh(parse_mesh(args.mesh)) if args.mesh else None
-    model = load_model(args.model, args.dtype, mesh=mesh)      # with a mesh: read straight into the shards
+    model = load_model(path, args.dtype, mesh=mesh)            # with a mesh: read straight into the shards
     if mesh is not None:
         print(f"nemojax generate: sharded over a mesh of {dict(mesh.shape)}", file=sys.stderr)
     cfg = model.config
-    tok = load_tokenizer(args.model, cfg.bos_token_id, cfg.stop_token_ids[0] if cfg.stop_token_ids else None)
-    prompt = tok.encode(args.prompt)
+    tok = load_tokenizer(path, cfg.bos_token_id, cfg.stop_token_ids[0] if cfg.stop_token_ids else None,
+                         tokenizer=args.tokenizer)
     stops = () if args.ignore_eos else cfg.stop_token_ids
+    if len(prompts) > 1:                  # a batch: one JSON line per prompt, in order
+        encoded = [tok.encode(p) for p in prompts]
+        t0 = time.perf_counter()
+        out = generate(model, encoded, args.max_new_tokens, args.temperature, args.top_k, args.top_p, stops,
+                       args.seed, mesh=mesh, prefill_chunk=args.prefill_chunk or None)
+        width = out.shape[1] - args.max_new_tokens
+        for text, row in zip(prompts, out[:, width:].tolist()):
+            cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+            print(json.dumps({"prompt": text, "completion": tok.decode(row[:cut]), "tokens": cut}))
+        print(f"[{len(prompts)} prompts in {time.perf_counter() - t0:.2f}s]", file=sys.stderr)
+        return 0
+    prompt = tok.encode(prompts[0])
+    args.prompt = prompts[0]
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
     generated, printed, t0, t_first = [], "", time.perf_counter(), None
@@ -179,9 +212,33 @@ def _cmd_train(args) -> int:
     return 0
 
 
+class _Help(argparse.HelpFormatter):
+    """--help shows every option's default where it has one (not for flags, required options or None)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("%(default)" in text or "default:" in text or not action.option_strings or action.required
+                or action.default is None or action.default is False or action.default == argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("nemojax")
+    except PackageNotFoundError:                  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nemojax", description="Nemotron-H hybrid Mamba-Transformer models in JAX")
+    p = argparse.ArgumentParser(prog="nemojax", description="Nemotron-H hybrid Mamba-Transformer models in JAX",
+                                formatter_class=_Help)
+    p.add_argument("--version", action="version", version=f"nemojax {_version()} (jax {jax.__version__})")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **k: _add_parser(*a, formatter_class=_Help, **k)
 
     c = sub.add_parser("convert", help="convert checkpoints between HF safetensors and Orbax")
     c.add_argument("direction", choices=["hf-to-orbax", "orbax-to-hf"])
@@ -191,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parameter dtype of the output (default: float32 for Orbax, as saved for HF)")
     c.add_argument("--dt-clamp", choices=["hf", "none"], default="hf",
                    help="'hf' reproduces transformers (dt >= time_step_min in prefill); 'none' is NVIDIA's reference")
-    c.add_argument("--max-shard-size", default="5GB")
+    c.add_argument("--max-shard-size", default="5GB", help="orbax-to-hf: largest safetensors file")
     c.add_argument("--mesh", default=None, help="read each tensor straight into its shards on a device mesh, e.g. "
                    "fsdp=-1 (host memory then holds one tensor block, not the model)")
     c.add_argument("--force", action="store_true", help="replace an existing non-empty DST (only once the new one is "
@@ -204,21 +261,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train from a run config (resumes from the latest checkpoint)")
     t.add_argument("--config", default="tiny", help=CONFIG_HELP)
-    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
     t.add_argument("--distributed", choices=["auto", "on", "off"], default="auto",
                    help="jax.distributed.initialize(): auto = when launched as one of several processes")
     t.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.steps=100 model.hidden_size=64")
     t.set_defaults(func=_cmd_train)
 
     g = sub.add_parser("generate", help="stream a completion from an HF or Orbax checkpoint")
-    g.add_argument("--model", required=True, help="HF checkpoint dir or nemojax Orbax dir")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    g.add_argument("--model", required=True, help="HF checkpoint dir, nemojax model dir, or a Hub id (org/name) in "
+                   "the local Hugging Face cache (nothing is downloaded)")
+    g.add_argument("--prompt", default=None, help="the prompt text (streams the completion)")
+    g.add_argument("--prompt-file", default=None, help="one prompt per line (- reads stdin), generated as one "
+                   "batch; prints a JSON line per prompt")
+    g.add_argument("--tokenizer", default="auto", help="auto (the model's tokenizer.json; byte-level for nemojax "
+                   "models without one), byte, or a tokenizer.json / directory holding one")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--top-k", type=int, default=0, help="0: no top-k filter")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: as saved")
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's eos token(s)")
     g.add_argument("--mesh", default=None, help="run sharded on a device mesh, e.g. data=2,tensor=2,expert=2 "
                    "(axes data, fsdp, tensor, expert; sizes multiply to the device count, one may be -1)")
@@ -232,12 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--topology", required=True, help="TPU slice, e.g. v5p-128 (TensorCores), v6e-256 (chips), "
                    "or v5p:4x4x4")
     a.add_argument("--mesh", default="fsdp=-1", help="mesh over the slice's chips (default %(default)s)")
-    a.add_argument("--step", choices=["train", "prefill", "decode"], default="train")
+    a.add_argument("--step", choices=["train", "prefill", "decode"], default="train", help="which step to compile")
     a.add_argument("--batch", type=int, default=None, help="global batch (default: data x fsdp for train, 1 else)")
     a.add_argument("--seq-len", type=int, default=None,
                    help="train window / prompt / cache length (default: 8192 train, the model's context otherwise)")
     a.add_argument("--remat", choices=["none", "block", "dots"], default=None, help="default: the config's")
-    a.add_argument("--precision", choices=["bf16", "fp8", "nvfp4", "aqt_int8", "aqt_int4"], default="bf16")
+    a.add_argument("--precision", choices=["bf16", "fp8", "nvfp4", "aqt_int8", "aqt_int4"], default="bf16",
+                   help="train step: the low-precision recipe")
     a.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK, help="prefill step: chunk size (0: one pass)")
     a.add_argument("--check", action="store_true", help="exit 1 when the step does not fit")
     a.set_defaults(func=_cmd_compile)
@@ -245,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("pack", help="pack a model's linear weights to 4 bits (NVFP4 or int4) for serving")
     k.add_argument("src", help="HF checkpoint dir or nemojax Orbax dir")
     k.add_argument("dst")
-    k.add_argument("--format", choices=["nvfp4", "int4"], default="nvfp4")
+    k.add_argument("--format", choices=["nvfp4", "int4"], default="nvfp4", help="4-bit format")
     k.add_argument("--group", type=int, default=128, help="int4 rows per scale (32/64/128)")
     k.add_argument("--keep-embeddings", action="store_true", help="leave the embedding table unpacked")
     k.add_argument("--keep-lm-head", action="store_true", help="leave the output layer unpacked")
@@ -255,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="forward pass of a randomly initialised model")
     d.add_argument("--config", default="tiny", help=CONFIG_HELP)
-    d.add_argument("--seq-len", type=int, default=256)
+    d.add_argument("--seq-len", type=int, default=256, help="tokens per row of the forward pass")
     d.set_defaults(func=_cmd_demo)
     return p
 

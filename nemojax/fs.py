@@ -1,4 +1,7 @@
-"""Writing user-owned directories so that nothing is lost or half-overwritten.
+"""Where models are read from, and writing user-owned directories so that nothing is lost or half-overwritten.
+
+`model_path(spec)` is a model directory, or a Hugging Face Hub id (`org/name`) resolved in the local Hugging Face
+cache only (nothing is downloaded).
 
 `replace_directory(target, force)` yields a temporary sibling of `target` to write into. Only when the block
 finishes is the new directory swapped in: with an atomic exchange (Linux renameat2 RENAME_EXCHANGE) when target
@@ -23,6 +26,27 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 MODEL_FILES = ("config.json", "nemojax_config.json")      # what makes a directory one that --force may replace
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def model_path(spec: str) -> str:
+    """The directory a model argument names: an existing path as given, else a Hub id (`org/name`) found in the
+    local Hugging Face cache (HF_HOME / HF_HUB_CACHE, `models--org--name/snapshots/REV`, the revision `main`
+    points to). Offline: a Hub id that is not cached is one error saying how to fetch it."""
+    if os.path.exists(spec) or not _HUB_ID.match(spec):
+        return spec
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.constants import HF_HUB_CACHE
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(spec, local_files_only=True)
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(f"{spec} is not a directory, and no snapshot of the Hub model {spec!r} is in the "
+                                f"local Hugging Face cache ({HF_HUB_CACHE}); nemojax does not download: fetch it "
+                                f"with `hf download {spec}` (huggingface_hub) and run again") from None
 
 
 def _exchange(a: str, b: str) -> bool:

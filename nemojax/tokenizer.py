@@ -42,8 +42,23 @@ class HFTokenizer:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
-def load_tokenizer(model_dir: Optional[str], bos_id: Optional[int] = None, eos_id: Optional[int] = None):
-    """HFTokenizer when model_dir holds tokenizer.json, else the byte-level tokenizer."""
+def load_tokenizer(model_dir: Optional[str], bos_id: Optional[int] = None, eos_id: Optional[int] = None,
+                   tokenizer: str = "auto"):
+    """The tokenizer of a model directory. tokenizer: 'auto' (the directory's tokenizer.json; a nemojax model
+    directory without one was trained on bytes, so the byte-level tokenizer; an HF checkpoint without one is an
+    error, not a silent byte-level fallback that would print garbage), 'byte', or a tokenizer.json file or a
+    directory holding one."""
+    if tokenizer == "byte":
+        return ByteTokenizer()
+    if tokenizer != "auto":
+        file = os.path.join(tokenizer, "tokenizer.json") if os.path.isdir(tokenizer) else tokenizer
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"tokenizer {tokenizer!r}: no such tokenizer.json (expected 'auto', 'byte', a "
+                                    f"tokenizer.json file or a directory holding one)")
+        return HFTokenizer(file, bos_id, eos_id)
     if model_dir and os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
         return HFTokenizer(model_dir, bos_id, eos_id)
-    return ByteTokenizer()
+    if model_dir is None or os.path.isfile(os.path.join(model_dir, "nemojax_config.json")):
+        return ByteTokenizer()
+    raise FileNotFoundError(f"{model_dir} has no tokenizer.json: copy the checkpoint's tokenizer files into it, "
+                            f"or name a tokenizer with --tokenizer PATH (or --tokenizer byte for a byte-level model)")

@@ -125,7 +125,7 @@ def test_orbax_to_hf_force_replaces_a_sharded_directory_whole(dirs, tmp_path):
     save_hf(model(5), str(target), max_shard_size="100KB")                  # several shards + an index
     assert len([f for f in os.listdir(target) if f.endswith(".safetensors")]) > 1
     assert main(["convert", "orbax-to-hf", str(dirs / "orbax"), str(target), "--force"]) == 0
-    assert sorted(os.listdir(target)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(target)) == ["config.json", "generation_config.json", "model.safetensors"]
     np.testing.assert_array_equal(logits(load_hf(str(target), dt_clamp="none")),
                                   logits(load_orbax(str(dirs / "orbax"))))
 
@@ -233,6 +233,9 @@ def test_checkpoint_integrity_detects_changed_and_non_finite_arrays(tmp_path, mo
 
 def test_changed_architecture_on_resume_is_one_clear_error(tmp_path, corpus):
     make(tmp_path, corpus, "train.steps=5").run(progress=False)
+    with pytest.raises(ConfigError, match=r"another architecture \(intermediate_size 128 -> 64\)"):
+        make(tmp_path, corpus, "train.steps=10", "model.intermediate_size=64").run(progress=False)
+    os.remove(tmp_path / "run.json")          # checkpoints from before run records: the shapes still catch it
     with pytest.raises(CheckpointError, match="different model or optimizer.*train with the config it was saved"):
         make(tmp_path, corpus, "train.steps=10", "model.intermediate_size=64").run(progress=False)
 

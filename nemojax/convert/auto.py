@@ -7,12 +7,15 @@ from typing import Optional
 
 from nemojax.convert.hf import load_hf
 from nemojax.convert.orbax import CONFIG_FILE, PACK_FILE, load_orbax, load_packed
+from nemojax.fs import model_path
 
 
 def load_model(path: str, dtype: Optional[str] = None, mesh=None):
     """An HF checkpoint directory (config.json + safetensors), a nemojax Orbax directory or a packed 4-bit
     directory (`nemojax pack`) -> NemotronH. mesh: parameters are read straight into their shards on it (HF and
-    Orbax; a packed model is loaded whole and placed afterwards)."""
+    Orbax; a packed model is loaded whole and placed afterwards). path may be a Hub id in the local Hugging Face
+    cache (fs.model_path)."""
+    path = model_path(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} {'is not a directory' if os.path.exists(path) else 'does not exist'}: "
                                 f"expected an HF checkpoint or a nemojax model directory")

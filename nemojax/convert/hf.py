@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from nemojax.config import LAYER_KINDS, ModelConfig
-from nemojax.fs import copy_tokenizer_files, replace_directory, storage_reason
+from nemojax.fs import copy_tokenizer_files, model_path, replace_directory, storage_reason
 from nemojax.model import PERSISTENT, NemotronH, abstract_model, materialize
 from nemojax.sharding import variable_spec
 
@@ -297,8 +297,10 @@ def load_hf(directory: str, dtype: str = "float32", dt_clamp: str = "hf", mesh=N
     dt_clamp='hf' reproduces transformers' logits; 'none' gives NVIDIA's reference behaviour.
     mesh: place every parameter on the mesh by its logical axes; each process reads only the safetensors byte
     ranges of the shards its devices hold (multi-host: every process calls load_hf). stats (a dict) receives
-    bytes_read by this process and checkpoint_bytes.
+    bytes_read by this process and checkpoint_bytes. directory may be a Hub id (`org/name`) in the local
+    Hugging Face cache (offline; fs.model_path).
     """
+    directory = model_path(directory)
     cfg = ModelConfig.from_hf(directory, dt_clamp=dt_clamp, dtype=dtype, param_dtype=dtype, **config_overrides)
     files = _checkpoint_files(directory)
     found = _scan_headers(files)
@@ -449,8 +451,19 @@ def save_hf(model: NemotronH, directory: str, max_shard_size="5GB", dtype: Optio
     with replace_directory(directory, force, sources=(tokenizer_from,) if tokenizer_from else ()) as tmp:
         _write_shards(tmp, params, layout, shards, out_dtype)
         cfg.replace(param_dtype=str(out_dtype)).save_hf_config(tmp)
-        if tokenizer_from:
-            copy_tokenizer_files(tokenizer_from, tmp)
+        copied = copy_tokenizer_files(tokenizer_from, tmp) if tokenizer_from else []
+        if "generation_config.json" not in copied:        # transformers' generate reads its stop tokens here
+            write_generation_config(cfg, tmp)
+
+
+def write_generation_config(cfg: ModelConfig, directory: str) -> None:
+    """DIRECTORY/generation_config.json from the model config's special tokens, as transformers derives one
+    (`_from_model_config`): bos, eos (every stop token) and pad."""
+    eos = list(cfg.stop_token_ids)
+    out = {"_from_model_config": True, "bos_token_id": cfg.bos_token_id,
+           "eos_token_id": eos[0] if len(eos) == 1 else (eos or None), "pad_token_id": cfg.pad_token_id}
+    with open(os.path.join(directory, "generation_config.json"), "w") as f:
+        json.dump({k: v for k, v in out.items() if v is not None}, f, indent=2)
 
 
 def _write_shards(directory: str, params: dict, layout: list, shards: list, out_dtype) -> None:

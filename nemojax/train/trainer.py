@@ -503,5 +503,8 @@ class Trainer:
         from nemojax.convert.orbax import save_orbax
 
         default = os.path.join(self.ckpt_dir, "model")
-        save_orbax(self.model, directory or default, force=force or directory in (None, default))
+        tok = self.cfg.data.tokenizer          # an HF tokenizer travels with the model (byte-level needs no file)
+        source = None if tok == "byte" else tok if os.path.isdir(tok) else os.path.dirname(os.path.abspath(tok))
+        save_orbax(self.model, directory or default, force=force or directory in (None, default),
+                   tokenizer_from=source)
         return directory or default
