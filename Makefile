@@ -17,10 +17,11 @@ $(VENV)/.installed: $(PY) pyproject.toml
 	$(PIP) install -q -e .
 	touch $@
 
-# tpu: libtpu (~200 MB), so the tests compile the kernels for real TPUs ahead of time on this host
+# tpu: libtpu (~200 MB), so the tests compile the kernels for real TPUs ahead of time on this host;
+# eval: lm-evaluation-harness, whose transformers backend the adapter is compared with
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(PIP) install -q $(TORCH_CPU)
-	$(PIP) install -q -e ".[dev,hf,tpu]"
+	$(PIP) install -q -e ".[dev,hf,tpu,eval]"
 	touch $@
 
 demo: $(VENV)/.installed

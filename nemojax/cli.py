@@ -1,4 +1,4 @@
-"""Command line: `nemojax train`, `nemojax generate`, `nemojax convert hf-to-orbax|orbax-to-hf SRC DST`,
+"""Command line: `nemojax train`, `nemojax generate`, `nemojax eval`, `nemojax convert hf-to-orbax|orbax-to-hf SRC DST`,
 `nemojax pack`, `nemojax compile` (TPU plans), `nemojax info`, `nemojax demo`. The training stack is imported
 only by `train` (and `compile`)."""
 
@@ -172,6 +172,29 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    """Perplexity and bits per byte of a model on a corpus; the last line is JSON."""
+    import json
+
+    from nemojax.evaluation import evaluate
+    from nemojax.fs import model_path
+    from nemojax.train.sources import Documents
+
+    path = model_path(args.model)
+    model = load_model(path, args.dtype)
+    cfg = model.config
+    tok = load_tokenizer(path, cfg.bos_token_id, cfg.stop_token_ids[0] if cfg.stop_token_ids else None,
+                         tokenizer=args.tokenizer)
+    docs = Documents(args.corpus, args.text_key)
+    result = evaluate(model, (docs[i] for i in range(len(docs))), tok, seq_len=args.seq_len, batch=args.batch,
+                      max_tokens=args.max_tokens, progress=not args.no_progress)
+    print(f"{args.model} on {args.corpus}: {result['tokens']:,} tokens of {result['documents']:,} documents; "
+          f"loss {result['loss']:.4f} nats/token, perplexity {result['perplexity']:.3f}, "
+          f"{result['bits_per_byte']:.4f} bits/byte", file=sys.stderr)
+    print(json.dumps({"model": args.model, "corpus": args.corpus, "seq_len": args.seq_len, **result}))
+    return 0
+
+
 def _cmd_pack(args) -> int:
     if os.path.isfile(os.path.join(args.src, PACK_FILE)):
         raise ValueError(f"{args.src} is already a packed model; pack its unpacked source instead")
@@ -287,6 +310,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK,
                    help="prefill prompts longer than this chunk by chunk (0: in one pass; default %(default)s)")
     g.set_defaults(func=_cmd_generate)
+
+    e = sub.add_parser("eval", help="perplexity and bits per byte of a model on a corpus")
+    e.add_argument("--model", required=True, help="HF checkpoint dir, nemojax model dir, or a cached Hub id")
+    e.add_argument("--corpus", default="stdlib", help="stdlib, a directory of text files, or comma-separated "
+                   ".txt/.jsonl/.parquet/.array_record files or globs (as train.data.corpus)")
+    e.add_argument("--text-key", default="text", help="the text field of JSONL / Parquet / ArrayRecord records")
+    e.add_argument("--seq-len", type=int, default=1024, help="tokens of context per window")
+    e.add_argument("--batch", type=int, default=8, help="windows per forward pass")
+    e.add_argument("--max-tokens", type=int, default=100_000,
+                   help="score whole documents until this many tokens are predicted")
+    e.add_argument("--tokenizer", default="auto", help="as for generate")
+    e.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: as saved")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e.set_defaults(func=_cmd_eval)
 
     a = sub.add_parser("compile", help="AOT-compile a train/prefill/decode step for a TPU topology on this host "
                        "and report per-chip HBM, whether it fits, FLOPs and the roofline step time (needs libtpu)")

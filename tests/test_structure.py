@@ -31,6 +31,8 @@ ALLOWED = {     # part of nemojax -> the parts it may import (besides itself); p
     "convert": {"config", "model", "quant", "fs", "sharding"},
     "train": {"config", "sharding", "layers", "model", "quant", "convert", "tokenizer", "fs"},
     "aot": {"config", "sharding", "model", "generate", "quant", "train", "pallas_kernels"},
+    "evaluation": {"model"},
+    "lm_eval_adapter": {"convert", "fs", "generate", "tokenizer"},
 }
 CORE = ("config", "sharding", "ssd", "layers", "model")       # no imports inside functions
 TRAIN_FROM_LAYERS = {"Mode", "ExpertBias", "RouterLoad", "AuxLoss"}
