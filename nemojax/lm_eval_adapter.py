@@ -5,8 +5,8 @@ Importing this module registers the model name `nemojax`:
     import lm_eval, nemojax.lm_eval_adapter
     lm_eval.simple_evaluate(model="nemojax", model_args="pretrained=DIR,batch_size=8", tasks=["hellaswag"])
 
-or from the shell, `python -m nemojax.lm_eval_adapter --model nemojax --model_args pretrained=DIR --tasks ...`
-(lm_eval's own command line with the model registered). DIR is an HF checkpoint, a nemojax model directory or a
+or from the shell, `python -m nemojax.lm_eval_adapter run --model nemojax --model_args pretrained=DIR
+--batch_size 8 --tasks ...` (lm_eval's own command line, with the model registered). DIR is an HF checkpoint, a nemojax model directory or a
 Hub id in the local Hugging Face cache; the tokenizer is the directory's tokenizer.json (`tokenizer=byte` for
 byte-level models).
 
@@ -53,7 +53,7 @@ class NemojaxLM(TemplateLM):
         cfg = self.model.config
         self.tokenizer = load_tokenizer(path, cfg.bos_token_id, cfg.stop_token_ids[0] if cfg.stop_token_ids else None,
                                         tokenizer=tokenizer)
-        self.batch_size = int(batch_size)
+        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8        # lm_eval's "auto": 8
         self.max_length = int(max_length or cfg.max_position_embeddings)
         self.pad_to, self.max_gen_toks = int(pad_to), int(max_gen_toks)
         self.pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
