@@ -1,6 +1,6 @@
-"""Command line: `nemojax train`, `nemojax generate`, `nemojax eval`, `nemojax convert hf-to-orbax|orbax-to-hf SRC DST`,
-`nemojax pack`, `nemojax compile` (TPU plans), `nemojax info`, `nemojax demo`. The training stack is imported
-only by `train` (and `compile`)."""
+"""Command line: `nemojax train`, `nemojax generate`, `nemojax chat`, `nemojax eval`,
+`nemojax convert hf-to-orbax|orbax-to-hf SRC DST`, `nemojax pack`, `nemojax compile` (TPU plans), `nemojax info`,
+`nemojax demo`. The training stack is imported only by `train` (and `compile`)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ import os
 import sys
 import time
 import traceback
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nemojax.chat import load_chat_template, render_chat, stream_chat
 from nemojax.config import LAYER_KINDS, ModelConfig, shipped_configs
 from nemojax.convert.auto import load_model
 from nemojax.convert.hf import param_count
@@ -126,6 +128,7 @@ def _cmd_generate(args) -> int:
     from nemojax.generate import generate
 
     prompts = _read_prompts(args)
+    _template_variables(args.chat_kwargs)
     path = model_path(args.model)                              # a directory, or a Hub id in the local HF cache
     mesh = make_mesh(parse_mesh(args.mesh)) if args.mesh else None
     model = load_model(path, args.dtype, mesh=mesh)            # with a mesh: read straight into the shards
@@ -135,6 +138,14 @@ def _cmd_generate(args) -> int:
     tok = load_tokenizer(path, cfg.bos_token_id, cfg.stop_token_ids[0] if cfg.stop_token_ids else None,
                          tokenizer=args.tokenizer)
     stops = () if args.ignore_eos else cfg.stop_token_ids
+    if args.chat:
+        template, specials = load_chat_template(path)
+        messages = ([{"role": "system", "content": args.system}] if args.system is not None else []) + \
+            [{"role": "user", "content": prompts[0]}]
+        if len(prompts) > 1:
+            raise ValueError("--chat takes one --prompt (a user message); use `nemojax chat` for a conversation")
+        _chat_reply(model, tok, template, specials, messages, args, stops)
+        return 0
     if len(prompts) > 1:                  # a batch: one JSON line per prompt, in order
         encoded = [tok.encode(p) for p in prompts]
         t0 = time.perf_counter()
@@ -170,6 +181,73 @@ def _cmd_generate(args) -> int:
     print(f"\n[{len(generated)} tokens; prefill + first token {t_first - t0:.2f}s; decode {decode_rate:.1f} tok/s]",
           file=sys.stderr)
     return 0
+
+
+def _template_variables(text: Optional[str]) -> dict:
+    import json
+
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--chat-kwargs must be a JSON object, e.g. '{{\"enable_thinking\": false}}': {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"--chat-kwargs must be a JSON object, got {text!r}")
+    return value
+
+
+def _chat_reply(model, tok, template: str, specials: dict, messages: list, args, stops) -> str:
+    """Renders the conversation with the model's chat template, streams the reply to stdout and returns it."""
+    prompt = render_chat(template, messages, add_generation_prompt=True, special_tokens=specials,
+                         **_template_variables(args.chat_kwargs))
+    t0, count, reply = time.perf_counter(), 0, ""
+    for _, piece in stream_chat(model, tok, prompt, args.max_new_tokens, thinking_budget=args.thinking_budget,
+                                stop_tokens=stops, temperature=args.temperature, top_k=args.top_k,
+                                top_p=args.top_p, seed=args.seed):
+        count += 1
+        reply += piece
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    print(f"[{count} tokens in {time.perf_counter() - t0:.2f}s]", file=sys.stderr)
+    return reply
+
+
+def _cmd_chat(args) -> int:
+    """An interactive conversation: each stdin line is a user turn; the reply streams; /exit or EOF ends it."""
+    from nemojax.fs import model_path
+
+    _template_variables(args.chat_kwargs)                       # a bad --chat-kwargs fails before loading
+    path = model_path(args.model)
+    model = load_model(path, args.dtype)
+    cfg = model.config
+    tok = load_tokenizer(path, cfg.bos_token_id, cfg.stop_token_ids[0] if cfg.stop_token_ids else None,
+                         tokenizer=args.tokenizer)
+    template, specials = load_chat_template(path)
+    messages = [{"role": "system", "content": args.system}] if args.system is not None else []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            sys.stdout.write("> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            return 0
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        reply = _chat_reply(model, tok, template, specials, messages, args, cfg.stop_token_ids)
+        messages.append({"role": "assistant", "content": reply})
+
+
+def _add_chat_options(parser) -> None:
+    parser.add_argument("--system", default=None, help="a system message (Nano 2 reads /think or /no_think here)")
+    parser.add_argument("--thinking-budget", type=int, default=None,
+                        help="reasoning models: at most this many thinking tokens (+10%% to finish a line), then "
+                        "</think> is inserted and the answer follows (default: unlimited)")
+    parser.add_argument("--chat-kwargs", default=None,
+                        help="extra chat-template variables as JSON, e.g. '{\"enable_thinking\": false}'")
 
 
 def _cmd_eval(args) -> int:
@@ -309,7 +387,22 @@ def build_parser() -> argparse.ArgumentParser:
                    "(axes data, fsdp, tensor, expert; sizes multiply to the device count, one may be -1)")
     g.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK,
                    help="prefill prompts longer than this chunk by chunk (0: in one pass; default %(default)s)")
+    g.add_argument("--chat", action="store_true", help="the prompt is a user message, rendered with the model's "
+                   "chat template")
+    _add_chat_options(g)
     g.set_defaults(func=_cmd_generate)
+
+    h = sub.add_parser("chat", help="interactive chat with the model's chat template (one user turn per line)")
+    h.add_argument("--model", required=True, help="HF checkpoint dir, nemojax model dir, or a cached Hub id")
+    h.add_argument("--max-new-tokens", type=int, default=1024, help="tokens per reply")
+    h.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    h.add_argument("--top-k", type=int, default=0, help="0: no top-k filter")
+    h.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    h.add_argument("--seed", type=int, default=0, help="sampling seed")
+    h.add_argument("--tokenizer", default="auto", help="as for generate")
+    h.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: as saved")
+    _add_chat_options(h)
+    h.set_defaults(func=_cmd_chat)
 
     e = sub.add_parser("eval", help="perplexity and bits per byte of a model on a corpus")
     e.add_argument("--model", required=True, help="HF checkpoint dir, nemojax model dir, or a cached Hub id")

@@ -22,7 +22,8 @@ import re
 import shutil
 import tempfile
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja")
 MODEL_FILES = ("config.json", "nemojax_config.json")      # what makes a directory one that --force may replace
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100

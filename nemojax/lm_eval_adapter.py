@@ -6,9 +6,9 @@ Importing this module registers the model name `nemojax`:
     lm_eval.simple_evaluate(model="nemojax", model_args="pretrained=DIR,batch_size=8", tasks=["hellaswag"])
 
 or from the shell, `python -m nemojax.lm_eval_adapter run --model nemojax --model_args pretrained=DIR
---batch_size 8 --tasks ...` (lm_eval's own command line, with the model registered). DIR is an HF checkpoint, a nemojax model directory or a
-Hub id in the local Hugging Face cache; the tokenizer is the directory's tokenizer.json (`tokenizer=byte` for
-byte-level models).
+--batch_size 8 --tasks ...` (lm_eval's own command line, with the model registered). DIR is an HF checkpoint, a
+nemojax model directory or a Hub id in the local Hugging Face cache; the tokenizer is the directory's
+tokenizer.json (`tokenizer=byte` for byte-level models).
 
 The harness's TemplateLM splits every (context, continuation) request into tokens exactly as its transformers
 backend does (trailing context spaces move to the continuation; the pair is encoded whole and split at the

@@ -54,3 +54,26 @@ def hf_logits(model, ids: np.ndarray, attention_mask: np.ndarray | None = None) 
 
 def random_ids(vocab: int, batch: int, seq: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, (batch, seq)).astype(np.int32)
+
+
+BPE_CORPUS = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog.",
+              "import numpy as np\nx = np.zeros(3)\n", "Paris is the capital of France."] * 20
+BPE_SPECIALS = ["<pad>", "<s>", "</s>", "<think>", "</think>"]      # ids 0..4
+
+
+def save_bpe_tokenizer(directory, chat_template: str | None = None) -> str:
+    """A byte-level BPE tokenizer (300 tokens, specials BPE_SPECIALS first) saved as transformers saves one
+    (tokenizer.json, tokenizer_config.json, and the chat template if given) into directory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(BPE_CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=BPE_SPECIALS,
+                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    fast.save_pretrained(str(directory))
+    return str(directory)

@@ -9,26 +9,14 @@ import pytest
 
 pytest.importorskip("transformers")
 pytest.importorskip("lm_eval")
-from hf_helpers import build_hf_model, save_hf_model  # noqa: E402
-
-CORPUS = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog.",
-          "import numpy as np\nx = np.zeros(3)\n", "Paris is the capital of France."] * 20
+from hf_helpers import build_hf_model, save_bpe_tokenizer, save_hf_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A tiny random NemotronH with a byte-level BPE tokenizer (specials <pad> 0, <s> 1, </s> 2)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    """A tiny random NemotronH with a byte-level BPE tokenizer."""
     directory = save_hf_model(build_hf_model(seed=21, vocab_size=320), tmp_path_factory.mktemp("lm") / "hf")
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                            pad_token="<pad>").save_pretrained(directory)
+    save_bpe_tokenizer(directory)
     return directory
 
 

@@ -32,6 +32,7 @@ ALLOWED = {     # part of nemojax -> the parts it may import (besides itself); p
     "train": {"config", "sharding", "layers", "model", "quant", "convert", "tokenizer", "fs"},
     "aot": {"config", "sharding", "model", "generate", "quant", "train", "pallas_kernels"},
     "evaluation": {"model"},
+    "chat": {"generate", "model"},
     "lm_eval_adapter": {"convert", "fs", "generate", "tokenizer"},
 }
 CORE = ("config", "sharding", "ssd", "layers", "model")       # no imports inside functions
