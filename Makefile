@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH_CPU ?= torch==2.13.0
 PYTEST_ARGS ?= -n 2
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test notebooks bench lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest $(PYTEST_ARGS) tests
+
+# every notebook in colab/, top to bottom twice, at CI size (also part of `make test`)
+notebooks: $(VENV)/.installed-dev
+	$(PY) -m pytest tests/test_notebooks.py
 
 bench: $(VENV)/.installed-dev
 	$(PY) benchmarks/forward_vs_hf.py
