@@ -147,3 +147,22 @@ def test_resuming_checkpoints_of_another_run_is_refused_before_anything_changes(
     lr = OptimConfig().lr
     assert re.search(rf"train.steps 5 -> 10: the wsd learning-rate schedule .* at step 5 the rate is "
                      rf"{lr:.3g} \(it was [0-9.e-]+ under 5 steps\)", err), err
+
+
+def test_progress_rate_and_eta_start_after_the_compiling_first_step():
+    import io
+
+    from tqdm import tqdm
+
+    from nemojax.train.trainer import _restart_rate
+
+    bar = tqdm(total=400, initial=200, file=io.StringIO(), desc="train (compiling the step)")
+    bar.start_t -= 100.0                     # the resumed run's first step took 100 s (compiling)
+    _restart_rate(bar, 201)
+    d = bar.format_dict
+    assert (d["n"], d["initial"], d["prefix"].rstrip(": ")) == (201, 201, "train") and d["elapsed"] < 5
+    bar.start_t -= 1.0                       # the next step takes 1 s
+    bar.last_print_t -= 1.0
+    bar.update(1)
+    assert 0.5 < bar.format_dict["rate"] < 2.0, bar.format_dict      # 1 step/s, not 2 steps per 101 s
+    bar.close()
