@@ -342,9 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser = lambda *a, **k: _add_parser(*a, formatter_class=_Help, **k)
 
     c = sub.add_parser("convert", help="convert checkpoints between HF safetensors and Orbax")
-    c.add_argument("direction", choices=["hf-to-orbax", "orbax-to-hf"])
-    c.add_argument("src")
-    c.add_argument("dst")
+    c.add_argument("direction", choices=["hf-to-orbax", "orbax-to-hf"], help="which way to convert")
+    c.add_argument("src", help="the checkpoint to read (HF: a directory or a cached Hub id)")
+    c.add_argument("dst", help="the directory to write (written whole, then swapped in)")
     c.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="parameter dtype of the output (default: float32 for Orbax, as saved for HF)")
     c.add_argument("--dt-clamp", choices=["hf", "none"], default="hf",
@@ -437,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("pack", help="pack a model's linear weights to 4 bits (NVFP4 or int4) for serving")
     k.add_argument("src", help="HF checkpoint dir or nemojax Orbax dir")
-    k.add_argument("dst")
+    k.add_argument("dst", help="the packed model directory to write")
     k.add_argument("--format", choices=["nvfp4", "int4"], default="nvfp4", help="4-bit format")
     k.add_argument("--group", type=int, default=128, help="int4 rows per scale (32/64/128)")
     k.add_argument("--keep-embeddings", action="store_true", help="leave the embedding table unpacked")

@@ -70,6 +70,7 @@ def test_version_and_every_option_shows_its_default(capsys):
     for name, sub in parser._subparsers._group_actions[0].choices.items():
         text = sub.format_help()
         for action in sub._actions:
+            assert action.help, (name, action.dest)                   # every option and argument is described
             if action.option_strings and action.default not in (None, False, "==SUPPRESS==") and not action.required:
                 assert f"default: {action.default}" in text or f"default {action.default}" in text, \
                     (name, action.option_strings)

@@ -328,12 +328,13 @@ class Trainer:
         steps = ckpt.steps()
         saved = json.loads(path.read_text()) if steps and path.exists() else None
         if saved is not None:
-            for what, keys, suffix in (("architecture", ("architecture",), "2"),
+            for what, keys, suffix in (("architecture", None, "2"),
                                        ("precision recipe", ("precision", "quant"), self.cfg.precision),
                                        ("QAD teacher", ("qad_teacher",), "qad")):
-                pick = (lambda r: r.get(keys[0]) or {}) if keys == ("architecture",) else \
-                    (lambda r: {k: r.get(k) for k in keys})
-                differ = _differences(pick(saved), pick(now))
+                if keys is None:                      # architecture fields are named without a prefix
+                    differ = _differences(saved.get("architecture") or {}, now["architecture"])
+                else:
+                    differ = _differences({k: saved.get(k) for k in keys}, {k: now[k] for k in keys})
                 if differ:
                     raise ConfigError(
                         f"the checkpoints in {self.ckpt_dir} were trained with another {what} ("
