@@ -17,15 +17,18 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "chat_template.jinja")
 MODEL_FILES = ("config.json", "nemojax_config.json")      # what makes a directory one that --force may replace
 _RENAME_EXCHANGE = 2
+logger = logging.getLogger(__name__)
 _AT_FDCWD = -100
 
 
@@ -120,7 +123,8 @@ def replace_directory(target: str, force: bool = False, sources: tuple = ()):
     check_writable_target(target, force, sources)
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.writing-", dir=parent)
+    _sweep_abandoned(target)
+    tmp = tempfile.mkdtemp(prefix=f"{_writing_prefix(target)}{socket.gethostname()}-{os.getpid()}-", dir=parent)
     try:
         yield tmp
         normal_permissions(tmp)
@@ -137,6 +141,38 @@ def replace_directory(target: str, force: bool = False, sources: tuple = ()):
         raise
     if old:
         shutil.rmtree(old, ignore_errors=True)                  # the replaced copy
+
+
+def _writing_prefix(target: str) -> str:
+    return f".{os.path.basename(target)}.writing-"
+
+
+def _sweep_abandoned(target: str) -> list[str]:
+    """Removes temporary siblings of target that a writer on this host left behind when it was killed
+    (`.NAME.writing-HOST-PID-*` whose process no longer exists): what they hold was never swapped in, so it is
+    nobody's model. Siblings of other hosts (a shared filesystem), of live processes and of the older unnamed
+    form are left alone. Returns the removed paths."""
+    parent, prefix = os.path.dirname(target), _writing_prefix(target)
+    mine = re.compile(re.escape(prefix + socket.gethostname()) + r"-(\d+)-[^/]*$")
+    removed = []
+    for name in os.listdir(parent) if os.path.isdir(parent) else ():
+        match = mine.match(name)
+        if not match or name.endswith(".old") or _alive(int(match.group(1))):
+            continue
+        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+        removed.append(os.path.join(parent, name))
+        logger.warning("removed %s, a partial write of %s left by a process that no longer exists", name, target)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                     # exists, owned by another user
+        return True
+    return True
 
 
 class _Stranded(OSError):

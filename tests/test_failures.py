@@ -119,6 +119,28 @@ def test_replacing_through_a_symlink_and_without_an_atomic_exchange(tmp_path, mo
     assert sorted(os.listdir(tmp_path)) == ["link", "real"]
 
 
+def test_partial_writes_of_killed_writers_are_swept_and_nothing_else(tmp_path):
+    """A writer killed mid-write (SIGKILL, power loss) leaves its temporary sibling behind; the next write of the
+    same target removes it when it was this host's and its process is gone, and leaves every other sibling:
+    a live writer's, another host's (shared filesystems), a stranded `.old` copy (a user's previous model) and
+    the older unnamed form."""
+    import socket
+
+    host = socket.gethostname()
+    done = subprocess.Popen(["true"])
+    done.wait()                                            # a pid that no longer runs
+    names = {"dead": f".m.writing-{host}-{done.pid}-abc", "alive": f".m.writing-{host}-{os.getpid()}-abc",
+             "other_host": f".m.writing-elsewhere.example-{done.pid}-abc",
+             "old_copy": f".m.writing-{host}-{done.pid}-abc.old", "unnamed": ".m.writing-x1y2"}
+    for name in names.values():
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "model.safetensors").write_bytes(b"partial")
+    save_orbax(NemotronH(ModelConfig.from_yaml("configs/tiny.yaml"), nnx.Rngs(0)), str(tmp_path / "m"))
+    left = set(os.listdir(tmp_path))
+    assert names["dead"] not in left
+    assert {names[k] for k in ("alive", "other_host", "old_copy", "unnamed")} | {"m"} == left
+
+
 def test_orbax_to_hf_force_replaces_a_sharded_directory_whole(dirs, tmp_path):
     """Old shards and index used to stay beside the new files (nemojax then loaded the old weights)."""
     target = tmp_path / "hf_out"
