@@ -143,6 +143,8 @@ def test_resuming_checkpoints_of_another_run_is_refused_before_anything_changes(
     assert [h["step"] for h in history if "loss" in h] == list(range(6, 11))
     err = capsys.readouterr().err
     assert f"resumed from step 5 in {run_dir}" in err
+    # TensorBoard is told to drop earlier events from step 6 on (they are logged again by the resumed run)
+    assert 6 in tensorboard_purge_steps(run_dir / "tensorboard")
     # WSD over 5 steps had decayed to its floor at step 5; laid out over 10 it is back at the peak rate
     lr = OptimConfig().lr
     assert re.search(rf"train.steps 5 -> 10: the wsd learning-rate schedule .* at step 5 the rate is "
@@ -166,3 +168,23 @@ def test_progress_rate_and_eta_start_after_the_compiling_first_step():
     bar.update(1)
     assert 0.5 < bar.format_dict["rate"] < 2.0, bar.format_dict      # 1 step/s, not 2 steps per 101 s
     bar.close()
+
+
+def tensorboard_purge_steps(directory) -> list[int]:
+    """Steps of the SessionLog START events (TensorBoard's purge markers) in a directory's event files (TFRecord
+    framing: length, its crc, the Event proto, its crc)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+    steps = []
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        at = 0
+        while at + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            event = Event.FromString(data[at + 12:at + 12 + length])
+            at += 12 + length + 4
+            if event.HasField("session_log") and event.session_log.status == SessionLog.START:
+                steps.append(event.step)
+    return steps

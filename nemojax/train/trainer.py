@@ -179,7 +179,8 @@ def _logged_step(line: str) -> float:
 
 class MetricsLog:
     """metrics.jsonl (one JSON record per logged step) and TensorBoard scalars (tensorboardX event files). A run
-    resumed at `resume_step` first drops the records of steps after it (they will be logged again); a fresh run
+    resumed at `resume_step` first drops the records of steps after it (they will be logged again; TensorBoard is
+    told to drop its events of those steps too); a fresh run
     renames an existing metrics.jsonl (a previous run's) to metrics-TIMESTAMP.jsonl."""
 
     def __init__(self, directory: str, enabled: bool = True, resume_step: int = 0):
@@ -199,7 +200,9 @@ class MetricsLog:
                 f.writelines(kept)
             os.replace(path + ".tmp", path)
         self.jsonl = open(path, "a")
-        self.tb = SummaryWriter(os.path.join(directory, "tensorboard"))
+        # resumed: TensorBoard drops the earlier events of the steps logged again (purge_step)
+        self.tb = SummaryWriter(os.path.join(directory, "tensorboard"), purge_step=resume_step + 1 if resume_step
+                                else None)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
