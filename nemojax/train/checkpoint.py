@@ -128,11 +128,15 @@ class Checkpoints:
             way_out = f"resume from an earlier one with train.resume_from={name} or a step number (saved: {steps})"
         else:
             way_out = f"no earlier checkpoint is kept (saved: {steps}); move {self.directory} away to start afresh"
+
+        def unreadable(e: Exception) -> CheckpointError:
+            return CheckpointError(f"checkpoint step {step} in {self.directory} cannot be read "
+                                   f"({storage_reason(e)}); {way_out}")
+
         try:
             saved = _shapes(self.mgr.item_metadata(step)["state"].tree)
         except Exception as e:
-            raise CheckpointError(f"checkpoint step {step} in {self.directory} cannot be read ({storage_reason(e)}); "
-                                  f"{way_out}") from e
+            raise unreadable(e) from e
         wanted = _shapes(target)
         if saved != wanted:
             differ = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
@@ -146,8 +150,7 @@ class Checkpoints:
         try:
             restored = self.mgr.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:
-            raise CheckpointError(f"checkpoint step {step} in {self.directory} cannot be read ({storage_reason(e)}); "
-                                  f"{way_out}") from e
+            raise unreadable(e) from e
         now = fingerprints(restored.state)
         saved_prints = restored["integrity"]["arrays"] if "integrity" in items else now
         bad = sorted(k for k in now if now[k][0] != saved_prints.get(k, [None])[0])
