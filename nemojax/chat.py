@@ -104,6 +104,14 @@ def stream_chat(model: NemotronH, tokenizer, prompt: str, max_new_tokens: int, t
     inside = thinking_budget is not None and thinking_open(prompt)
     end_ids = tokenizer.encode(THINK_END, add_bos=False)     # compared as ids: decoding may drop special tokens
     generated: list[int] = []
+    text = ""                                   # decode(generated), so each token's piece costs one decode
+
+    def add(token: int) -> str:
+        nonlocal text
+        generated.append(token)
+        before, text = text, tokenizer.decode(generated)
+        return text[len(before):]
+
     spent = 0
     while len(generated) < max_new_tokens:
         forced = None
@@ -112,9 +120,7 @@ def stream_chat(model: NemotronH, tokenizer, prompt: str, max_new_tokens: int, t
             token = int(tokens[0])
             if token in stop_tokens:
                 return
-            before = tokenizer.decode(generated)
-            generated.append(token)
-            piece = tokenizer.decode(generated)[len(before):]
+            piece = add(token)
             yield token, piece
             if not inside:
                 continue
@@ -130,6 +136,4 @@ def stream_chat(model: NemotronH, tokenizer, prompt: str, max_new_tokens: int, t
             return
         inside = False
         for token in forced:                        # the early exit, then the answer continues from it
-            before = tokenizer.decode(generated)
-            generated.append(token)
-            yield token, tokenizer.decode(generated)[len(before):]
+            yield token, add(token)

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -121,30 +122,38 @@ def _read_prompts(args) -> list[str]:
     return prompts
 
 
-def _cmd_generate(args) -> int:
-    import json
-
+def _load_for_inference(args, mesh=None):
+    """(directory, model, tokenizer) of --model (a directory, or a Hub id in the local HF cache), --dtype and
+    --tokenizer; with a mesh, parameters are read straight into their shards."""
     from nemojax.fs import model_path
-    from nemojax.generate import generate
 
-    prompts = _read_prompts(args)
-    _template_variables(args.chat_kwargs)
-    path = model_path(args.model)                              # a directory, or a Hub id in the local HF cache
-    mesh = make_mesh(parse_mesh(args.mesh)) if args.mesh else None
-    model = load_model(path, args.dtype, mesh=mesh)            # with a mesh: read straight into the shards
-    if mesh is not None:
-        print(f"nemojax generate: sharded over a mesh of {dict(mesh.shape)}", file=sys.stderr)
+    path = model_path(args.model)
+    model = load_model(path, args.dtype, mesh=mesh)
     cfg = model.config
     tok = load_tokenizer(path, cfg.bos_token_id, cfg.stop_token_ids[0] if cfg.stop_token_ids else None,
                          tokenizer=args.tokenizer)
-    stops = () if args.ignore_eos else cfg.stop_token_ids
+    return path, model, tok
+
+
+def _cmd_generate(args) -> int:
+    import json
+
+    from nemojax.generate import generate
+
+    prompts = _read_prompts(args)
+    variables = _template_variables(args.chat_kwargs)
+    if args.chat and len(prompts) > 1:
+        raise ValueError("--chat takes one --prompt (a user message); use `nemojax chat` for a conversation")
+    mesh = make_mesh(parse_mesh(args.mesh)) if args.mesh else None
+    path, model, tok = _load_for_inference(args, mesh)
+    if mesh is not None:
+        print(f"nemojax generate: sharded over a mesh of {dict(mesh.shape)}", file=sys.stderr)
+    stops = () if args.ignore_eos else model.config.stop_token_ids
     if args.chat:
         template, specials = load_chat_template(path)
         messages = ([{"role": "system", "content": args.system}] if args.system is not None else []) + \
             [{"role": "user", "content": prompts[0]}]
-        if len(prompts) > 1:
-            raise ValueError("--chat takes one --prompt (a user message); use `nemojax chat` for a conversation")
-        _chat_reply(model, tok, template, specials, messages, args, stops)
+        _chat_reply(model, tok, template, specials, variables, messages, args, stops)
         return 0
     if len(prompts) > 1:                  # a batch: one JSON line per prompt, in order
         encoded = [tok.encode(p) for p in prompts]
@@ -158,8 +167,7 @@ def _cmd_generate(args) -> int:
         print(f"[{len(prompts)} prompts in {time.perf_counter() - t0:.2f}s]", file=sys.stderr)
         return 0
     prompt = tok.encode(prompts[0])
-    args.prompt = prompts[0]
-    sys.stdout.write(args.prompt)
+    sys.stdout.write(prompts[0])
     sys.stdout.flush()
     generated, printed, t0, t_first = [], "", time.perf_counter(), None
     for tokens in stream_generate(model, [prompt], args.max_new_tokens, args.temperature, args.top_k, args.top_p,
@@ -197,10 +205,10 @@ def _template_variables(text: Optional[str]) -> dict:
     return value
 
 
-def _chat_reply(model, tok, template: str, specials: dict, messages: list, args, stops) -> str:
-    """Renders the conversation with the model's chat template, streams the reply to stdout and returns it."""
-    prompt = render_chat(template, messages, add_generation_prompt=True, special_tokens=specials,
-                         **_template_variables(args.chat_kwargs))
+def _chat_reply(model, tok, template: str, specials: dict, variables: dict, messages: list, args, stops) -> str:
+    """Renders the conversation with the model's chat template (and --chat-kwargs `variables`), streams the reply
+    to stdout and returns it."""
+    prompt = render_chat(template, messages, add_generation_prompt=True, special_tokens=specials, **variables)
     t0, count, reply = time.perf_counter(), 0, ""
     for _, piece in stream_chat(model, tok, prompt, args.max_new_tokens, thinking_budget=args.thinking_budget,
                                 stop_tokens=stops, temperature=args.temperature, top_k=args.top_k,
@@ -216,14 +224,8 @@ def _chat_reply(model, tok, template: str, specials: dict, messages: list, args,
 
 def _cmd_chat(args) -> int:
     """An interactive conversation: each stdin line is a user turn; the reply streams; /exit or EOF ends it."""
-    from nemojax.fs import model_path
-
-    _template_variables(args.chat_kwargs)                       # a bad --chat-kwargs fails before loading
-    path = model_path(args.model)
-    model = load_model(path, args.dtype)
-    cfg = model.config
-    tok = load_tokenizer(path, cfg.bos_token_id, cfg.stop_token_ids[0] if cfg.stop_token_ids else None,
-                         tokenizer=args.tokenizer)
+    variables = _template_variables(args.chat_kwargs)           # a bad --chat-kwargs fails before loading
+    path, model, tok = _load_for_inference(args)
     template, specials = load_chat_template(path)
     messages = [{"role": "system", "content": args.system}] if args.system is not None else []
     interactive = sys.stdin.isatty()
@@ -237,7 +239,7 @@ def _cmd_chat(args) -> int:
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line.rstrip("\n")})
-        reply = _chat_reply(model, tok, template, specials, messages, args, cfg.stop_token_ids)
+        reply = _chat_reply(model, tok, template, specials, variables, messages, args, model.config.stop_token_ids)
         messages.append({"role": "assistant", "content": reply})
 
 
@@ -255,14 +257,9 @@ def _cmd_eval(args) -> int:
     import json
 
     from nemojax.evaluation import evaluate
-    from nemojax.fs import model_path
     from nemojax.train.sources import Documents
 
-    path = model_path(args.model)
-    model = load_model(path, args.dtype)
-    cfg = model.config
-    tok = load_tokenizer(path, cfg.bos_token_id, cfg.stop_token_ids[0] if cfg.stop_token_ids else None,
-                         tokenizer=args.tokenizer)
+    _, model, tok = _load_for_inference(args)
     docs = Documents(args.corpus, args.text_key)
     result = evaluate(model, (docs[i] for i in range(len(docs))), tok, seq_len=args.seq_len, batch=args.batch,
                       max_tokens=args.max_tokens, progress=not args.no_progress)
@@ -337,9 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nemojax", description="Nemotron-H hybrid Mamba-Transformer models in JAX",
                                 formatter_class=_Help)
     p.add_argument("--version", action="version", version=f"nemojax {_version()} (jax {jax.__version__})")
-    sub = p.add_subparsers(dest="command", required=True)
-    _add_parser = sub.add_parser
-    sub.add_parser = lambda *a, **k: _add_parser(*a, formatter_class=_Help, **k)
+    sub = p.add_subparsers(dest="command", required=True,
+                           parser_class=functools.partial(argparse.ArgumentParser, formatter_class=_Help))
 
     c = sub.add_parser("convert", help="convert checkpoints between HF safetensors and Orbax")
     c.add_argument("direction", choices=["hf-to-orbax", "orbax-to-hf"], help="which way to convert")

@@ -28,8 +28,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja")
 MODEL_FILES = ("config.json", "nemojax_config.json")      # what makes a directory one that --force may replace
 _RENAME_EXCHANGE = 2
-logger = logging.getLogger(__name__)
 _AT_FDCWD = -100
+logger = logging.getLogger(__name__)
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
