@@ -137,3 +137,12 @@ def test_generate_chat_and_interactive_chat(model_dir, monkeypatch, capsys):
     assert captured.err.count("tokens in") == 2                     # two replies, the blank line skipped
     assert main(["chat", "--model", model_dir, "--chat-kwargs", "[1]"]) == 2
     assert "--chat-kwargs must be a JSON object" in capsys.readouterr().err
+
+
+def test_an_explicit_tokenizer_path_is_used_and_a_wrong_one_is_one_error(model_dir, tmp_path):
+    named = load_tokenizer(str(tmp_path), 1, 2, tokenizer=model_dir)             # a directory holding tokenizer.json
+    own = load_tokenizer(model_dir, 1, 2)
+    assert named.encode("def add(a, b):") == own.encode("def add(a, b):") != load_tokenizer(
+        model_dir, tokenizer="byte").encode("def add(a, b):")
+    with pytest.raises(FileNotFoundError, match="no such tokenizer.json"):
+        load_tokenizer(model_dir, tokenizer=str(tmp_path / "missing.json"))

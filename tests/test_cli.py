@@ -2,6 +2,7 @@
 (an HF checkpoint without tokenizer.json is an error, not garbage), --prompt-file batches, --version, option
 defaults in --help, generation_config.json on HF export."""
 
+import io
 import json
 import os
 
@@ -47,7 +48,7 @@ def test_hub_ids_load_from_the_local_cache_only(tmp_path, tiny, monkeypatch, cap
     assert "hf download acme/other" in err
 
 
-def test_prompt_file_is_one_batch_with_the_completions_of_single_prompts(tmp_path, tiny, capsys):
+def test_prompt_file_is_one_batch_with_the_completions_of_single_prompts(tmp_path, tiny, capsys, monkeypatch):
     save_orbax(tiny, str(tmp_path / "m"))                 # a nemojax model without tokenizer.json: byte-level
     prompts = ["def main(", "import os", "x = [i for i in range(10)]"]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts[:2]) + "\n\n" + prompts[2] + "\n")
@@ -58,6 +59,9 @@ def test_prompt_file_is_one_batch_with_the_completions_of_single_prompts(tmp_pat
     for row in rows:
         assert main(["generate", *common, "--prompt", row["prompt"]]) == 0
         assert capsys.readouterr().out == row["prompt"] + row["completion"]
+    monkeypatch.setattr("sys.stdin", io.StringIO(prompts[0] + "\n" + prompts[1] + "\n"))     # --prompt-file -
+    assert main(["generate", *common, "--prompt-file", "-"]) == 0
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == rows[:2]
     assert main(["generate", *common]) == 2
     assert "exactly one of --prompt and --prompt-file" in capsys.readouterr().err
 
