@@ -63,18 +63,20 @@ def _cmd_compile(args) -> int:
     cfg = _load_config(args.config)
     plan = compile_plan(cfg, args.topology, parse_mesh(args.mesh), step=args.step, batch=args.batch,
                         seq_len=args.seq_len, remat=args.remat, precision=args.precision,
-                        prefill_chunk=args.prefill_chunk or None)
+                        prefill_chunk=args.prefill_chunk or None, scan_layers=args.scan_layers)
     mesh = ",".join(f"{a}={n}" for a, n in plan["mesh"].items() if n > 1) or "one chip"
+    scanned = ", scanned layers" if plan["scan_layers"] else ""
     print(f"{args.config}: {plan['step']} step, batch {plan['batch']} x {plan['seq_len']} tokens, remat "
-          f"{plan['remat']}, {plan['precision']}; {plan['topology']} ({plan['chips']} chips, {mesh}); compiled in "
-          f"{plan['compile_seconds']:.0f} s")
+          f"{plan['remat']}{scanned}, {plan['precision']}; {plan['topology']} ({plan['chips']} chips, {mesh}); "
+          f"compiled in {plan['compile_seconds']:.0f} s")
     print("per chip: " + ", ".join(f"{k} {_gb(v)}" for k, v in plan["hbm"].items()))
     verdict = "fits" if plan["fits"] else "does NOT fit"
     print(f"HBM per chip {_gb(plan['hbm_bytes_per_chip'])} of {_gb(plan['hbm_capacity_bytes'])}: {verdict}")
     if plan["roofline_step_seconds"] is not None:
         print(f"{plan['flops_per_step'] / 1e12:.1f} TFLOP per chip per step (model "
               f"{plan['model_flops_per_chip'] / 1e12:.1f}); roofline {plan['roofline_step_seconds'] * 1e3:.1f} ms/step,"
-              f" {plan['tokens_per_second']:,.0f} tokens/s, MFU {plan['mfu']:.0%} (upper bound)")
+              f" {plan['tokens_per_second']:,.0f} tokens/s, MFU {plan['mfu']:.0%} (upper bound; roofline from "
+              f"{plan['roofline_basis']})")
     print(json.dumps(plan))
     return 0 if plan["fits"] or not args.check else 1
 
@@ -427,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--remat", choices=["none", "block", "dots"], default=None, help="default: the config's")
     a.add_argument("--precision", choices=["bf16", "fp8", "nvfp4", "aqt_int8", "aqt_int4"], default="bf16",
                    help="train step: the low-precision recipe")
+    a.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=None,
+                   help="train step: scan over repeated units of the layer pattern (default: the config's)")
     a.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK, help="prefill step: chunk size (0: one pass)")
     a.add_argument("--check", action="store_true", help="exit 1 when the step does not fit")
     a.set_defaults(func=_cmd_compile)

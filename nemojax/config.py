@@ -97,6 +97,9 @@ class RuntimeOptions:
     moe_aux_loss_coef: float = 0.0               # Switch-style balance loss; 0 = aux-loss-free (bias updates)
     mtp_depth: int = 1                           # prediction depths trained/drafted by the MTP head
     remat: Literal["none", "block", "dots"] = "none"    # activation recomputation per block in training
+    # TRAIN forward: repeated units of the layer pattern as one lax.scan each (layers/block.py scan_plan);
+    # compile time then follows the number of distinct units instead of depth. Same parameters and function.
+    scan_layers: bool = False
     # "none": NVIDIA's reference (mamba_ssm, Megatron, vLLM): dt only limited by time_step_limit.
     # "hf": transformers 5.x, which also clamps dt >= time_step_min on its chunked path (here TRAIN, PREFILL,
     # EXTEND forwards; not DECODE or speculative VERIFY).

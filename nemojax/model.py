@@ -62,7 +62,8 @@ class NemotronH(nnx.Module):
             raise ValueError(f"mode {mode.name} {'needs' if cache is None else 'takes no'} cache")
         with jax.named_scope("embeddings"):
             h = constrain(self.embeddings(input_ids), RESIDUAL)
-        h, cache = run_blocks(self.layers, h, mask=mask, caches=cache, mode=mode, remat=self.config.runtime.remat)
+        h, cache = run_blocks(self.layers, h, mask=mask, caches=cache, mode=mode,
+                              remat=self.config.runtime.remat, scan=self.config.runtime.scan_layers)
         return self.norm_f(h.astype(self.config.compute_dtype)), cache
 
     def logits(self, h: jax.Array) -> jax.Array:

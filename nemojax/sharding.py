@@ -43,6 +43,7 @@ RULES = {
     "latent": ("tensor",),                 # LatentMoE's projection width
     "concat_embed": ("tensor",),           # MTP eh_proj input: [embedding | hidden]
     "norm": None,
+    "layers": None,                        # the stacked axis of scanned layers (layers/block.py)
 }
 
 

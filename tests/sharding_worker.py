@@ -23,8 +23,8 @@ TCFG = TrainConfig(steps=3)
 BATCH = np.random.default_rng(0).integers(0, 64, (8, 33)).astype(np.int32)
 
 
-def build(mesh=None):
-    model = NemotronH(CFG, nnx.Rngs(0))
+def build(mesh=None, cfg=CFG):
+    model = NemotronH(cfg, nnx.Rngs(0))
     # SGD: the update is linear in the gradient, so parameter differences measure the sharded gradients
     # themselves (Adam divides by sqrt(v) and amplifies fp32 reduction-order noise on near-zero gradients).
     opt = nnx.Optimizer(model, optax.sgd(0.1, momentum=0.9), wrt=nnx.Param)
@@ -35,7 +35,7 @@ def build(mesh=None):
 
 
 def train(model, opt, steps, mesh=None):
-    step = make_train_step(CFG, TCFG, optax.constant_schedule(1e-2))
+    step = make_train_step(model.config, TCFG, optax.constant_schedule(1e-2))
     if mesh is None:
         return [float(step(model, opt, BATCH)["loss"]) for _ in range(steps)]
     with jax.set_mesh(mesh):             # as the Trainer does: activation constraints apply
@@ -102,6 +102,14 @@ def main(ckpt_dir):
             losses.append(train(model, opt, 2, mesh))
         out[f"{precision}_loss_diff"] = float(np.max(np.abs(np.subtract(*losses))))
         out[f"{precision}_vs_fp32"] = abs(losses[0][1] - ref_losses[1])
+    # scanned layers on the mesh (stacked parameters pinned to their shardings) against unrolled on one device
+    unrolled_cfg = CFG.replace(pattern="MEME*MEME")
+    runs = []
+    for cfg, mesh in ((unrolled_cfg, None), (unrolled_cfg.replace(scan_layers=True), mesh_a)):
+        model, opt = build(mesh, cfg)
+        runs.append((train(model, opt, 2, mesh), params(model)))
+    out["scan_loss_diff"] = float(np.max(np.abs(np.subtract(runs[0][0], runs[1][0]))))
+    out["scan_param_diff"] = float(max(np.max(np.abs(a - b)) for a, b in zip(runs[0][1], runs[1][1])))
     print("RESULT " + json.dumps(out))
 
 

@@ -123,3 +123,24 @@ def test_cli_prefill_compiles_chunked_on_a_moe_mesh():
     proc, _ = run_cli("--config", "configs/tiny_moe.yaml", "--topology", "v6e-8", "--step", "prefill",
                       "--seq-len", "1000", "--prefill-chunk", "512")
     assert proc.returncode == 2 and "must be a multiple of --prefill-chunk" in proc.stderr
+
+
+def test_cli_compiles_a_scanned_moe_train_step(tmp_path):
+    """Scanned layers (runtime.scan_layers) and per-shard experts (moe.experts_on_mesh) through the real TPU
+    compiler: the stacked parameters keep their shardings (fsdp, tensor, expert) with a replicated 'layers'
+    axis."""
+    need_libtpu()
+    base, pattern, topology, mesh = "tiny_moe", "MEMEM*EMEME", "v6e-8", "fsdp=2,tensor=2,expert=2"
+    source = os.path.join(ROOT, "configs", f"{base}.yaml")
+    old = f'pattern: "{ModelConfig.from_yaml(source).pattern}"'
+    config = tmp_path / "scanned.yaml"
+    config.write_text(open(source).read().replace(old, f'pattern: "{pattern}"\n  scan_layers: true'))
+    assert ModelConfig.from_yaml(str(config)).runtime.scan_layers
+    proc, plan = run_cli("--config", str(config), "--topology", topology, "--mesh", mesh, "--batch", "8",
+                         "--seq-len", "256", "--remat", "block")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert plan["fits"] and plan["scan_layers"] is True and "scanned layers" in proc.stdout
+    assert plan["roofline_basis"].startswith("model FLOPs")
+    # the roofline is the model FLOPs with remat's recomputed forward at the chip's peak
+    chip = aot.CHIPS[topology[:3]]
+    assert plan["roofline_step_seconds"] == pytest.approx(plan["model_flops_per_chip"] * 4 / 3 / chip.bf16_flops)

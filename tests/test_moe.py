@@ -114,3 +114,25 @@ def test_moe_model_jits_and_is_causal():
     out = make_forward(model)(ids)
     changed = model(ids.at[:, 15:].set(3))
     np.testing.assert_allclose(out[:, :15], changed[:, :15], atol=1e-5)
+
+
+def test_experts_on_a_mesh_equal_one_device_and_sort_local_tokens():
+    """Each data shard routes its own tokens (layers/moe.py experts_on_mesh): dense, ragged and capacity
+    experts, with and without LatentMoE, on meshes splitting tokens, the expert MLP width (tensor) and the
+    experts themselves, equal the one-device layer in values and gradients; the compiled program sorts only
+    the local shard's assignments (left to GSPMD, every device sorted all 168)."""
+    import os
+
+    from process_helpers import launch, result
+
+    worker = os.path.join(os.path.dirname(__file__), "moe_mesh_worker.py")
+    out = result(launch(worker, xla_flags="--xla_force_host_platform_device_count=8"))
+    sorts = out.pop("sort_sizes")
+    assert len(out) == 2 * 3 * 4
+    for case, diff in out.items():
+        assert diff["value"] < 1e-5 and diff["grads"] < 1e-4, (case, diff)
+    assignments = 8 * 7 * 3
+    assert sorts["data4_tensor2"] == [str(assignments // 4)], sorts       # 4 token shards
+    assert sorts["data2_expert4"] == [str(assignments // 2)], sorts
+    assert sorts["fsdp2_tensor2_expert2"] == [str(assignments // 2)], sorts
+    assert sorts["expert8"] == [str(assignments)], sorts                  # tokens not split: all, once

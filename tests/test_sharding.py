@@ -130,6 +130,7 @@ def test_sharded_training_matches_single_device(tmp_path):
     assert result["loss_diff"] < 1e-5 and result["param_diff"] < 1e-5, result
     assert result["restored_spec"] == ["fsdp", "tensor"]
     assert result["resumed_loss_diff"] < 1e-5, result
+    assert result["scan_loss_diff"] < 1e-5 and result["scan_param_diff"] < 1e-5, result
     for precision in ("aqt_int8", "nvfp4"):
         assert result[f"{precision}_loss_diff"] < 1e-4, result
         assert result[f"{precision}_vs_fp32"] > 1e-6, result         # it did quantize

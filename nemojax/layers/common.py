@@ -11,6 +11,8 @@ that normalises its own inputs sets `pre_norm = False`; the block then adds no p
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import enum
 import functools
 import math
@@ -38,6 +40,27 @@ class Mode(enum.Enum):
     EXTEND = "extend"
     DECODE = "decode"
     VERIFY = "verify"
+
+
+# Per-layer ids of linear layers. A linear layer's dot_general may be a dataclass with an integer `uid` (the
+# quantized matmuls fold it into their stochastic-rounding key, quant/recipe.py). A scanned unit of blocks
+# (block.py) is traced once, as its first repeat, and passes each repeat's offset here, which such a
+# dot_general adds to its uid (a traced int inside the scan).
+_UID_SHIFT: contextvars.ContextVar = contextvars.ContextVar("nemojax_uid_shift", default=0)
+
+
+@contextlib.contextmanager
+def uid_shift(shift):
+    """Linear-layer uids traced inside this block are offset by `shift` (an int or a traced int)."""
+    token = _UID_SHIFT.set(shift)
+    try:
+        yield
+    finally:
+        _UID_SHIFT.reset(token)
+
+
+def current_uid_shift():
+    return _UID_SHIFT.get()
 
 
 def param(value: jax.Array, axes: tuple) -> nnx.Param:

@@ -30,6 +30,7 @@ from flax import nnx
 from nemojax.config import ModelConfig
 from nemojax.layers.common import Mode, linear, output_init_std, param
 from nemojax.layers.mlp import MLP, relu2
+from nemojax.sharding import logical_to_spec
 
 F32 = jnp.float32
 
@@ -51,6 +52,7 @@ class Routing(NamedTuple):
     weights: jax.Array   # [tokens, k] fp32 combine weights
     experts: jax.Array   # [tokens, k] int32 expert ids
     scores: jax.Array    # [tokens, experts] fp32 sigmoid scores (unbiased)
+    valid: Optional[jax.Array] = None   # [tokens, k] bool: assignments this shard computes (None: all)
 
 
 def route(x: jax.Array, gate_weight: jax.Array, bias: jax.Array, cfg: ModelConfig) -> Routing:
@@ -87,22 +89,25 @@ def experts_dense(x, up, down, routing: Routing) -> jax.Array:
 
 
 def _sorted_assignments(routing: Routing, num_experts: int):
-    """Flattens [t, k] assignments and sorts them by expert (stable, so earlier tokens come first)."""
+    """Flattens [t, k] assignments and sorts them by expert (stable, so earlier tokens come first); invalid
+    assignments (routing.valid) sort last and are not counted. Returns (token, expert, weight, valid, counts)."""
     t, k = routing.experts.shape
     flat_expert = routing.experts.reshape(-1)
-    order = jnp.argsort(flat_expert, stable=True)
+    valid = jnp.ones((t * k,), bool) if routing.valid is None else routing.valid.reshape(-1)
+    order = jnp.argsort(jnp.where(valid, flat_expert, num_experts), stable=True)
     token = (jnp.arange(t * k) // k)[order]
     expert = flat_expert[order]
     weight = routing.weights.reshape(-1)[order]
-    counts = jnp.bincount(flat_expert, length=num_experts).astype(jnp.int32)
-    return token, expert, weight, counts
+    counts = jnp.zeros((num_experts,), jnp.int32).at[flat_expert].add(valid.astype(jnp.int32))
+    return token, expert, weight, valid[order], counts
 
 
 def experts_ragged(x, up, down, routing: Routing) -> jax.Array:
-    token, _, weight, counts = _sorted_assignments(routing, up.shape[0])
+    token, _, weight, valid, counts = _sorted_assignments(routing, up.shape[0])
     h = relu2(jax.lax.ragged_dot(x[token], up, counts))
     y = jax.lax.ragged_dot(h, down, counts).astype(F32) * weight[:, None]
-    return jnp.zeros((x.shape[0], down.shape[-1]), F32).at[token].add(y)
+    # rows past the counted groups (invalid assignments) are not part of any group: never let them add
+    return jnp.zeros((x.shape[0], down.shape[-1]), F32).at[token].add(jnp.where(valid[:, None], y, 0.0))
 
 
 def capacity_for(tokens: int, k: int, experts: int, capacity_factor: Optional[float]) -> int:
@@ -115,16 +120,54 @@ def experts_capacity(x, up, down, routing: Routing, capacity_factor: Optional[fl
     num_experts = up.shape[0]
     t, k = routing.experts.shape
     cap = capacity_for(t, k, num_experts, capacity_factor)
-    token, expert, weight, counts = _sorted_assignments(routing, num_experts)
+    token, expert, weight, valid, counts = _sorted_assignments(routing, num_experts)
     starts = jnp.cumsum(counts) - counts
     slot = jnp.arange(t * k) - starts[expert]                                     # rank within its expert
-    kept = slot < cap
+    kept = (slot < cap) & valid
     slot = jnp.where(kept, slot, cap)                                             # overflow -> scratch slot
     buf = jnp.zeros((num_experts, cap + 1, x.shape[-1]), x.dtype).at[expert, slot].set(x[token])
     h = relu2(jnp.einsum("ecd,edi->eci", buf[:, :cap], up))
     y = jnp.einsum("eci,eid->ecd", h, down).astype(F32)                           # [experts, cap, d]
     y = jnp.pad(y, ((0, 0), (0, 1), (0, 0)))[expert, slot] * jnp.where(kept, weight, 0.0)[:, None]
     return jnp.zeros((t, down.shape[-1]), F32).at[token].add(y)
+
+
+def experts_on_mesh(fn, x, up, down, routing: Routing) -> jax.Array:
+    """fn(x, up, down, routing) -> [t, width] fp32, run per shard when a mesh is set (jax.set_mesh).
+
+    Sorting tokens by expert is a global operation for the partitioner: left to GSPMD, every chip would sort
+    and hold the whole global batch's expert activations (Nemotron 3 Super's train step asked for 6 TB per
+    chip). Here each data shard routes its own tokens (shard_map over the batch axes): the expert weights are
+    gathered over fsdp at the boundary (as FSDP does for every weight), stay split over 'tensor' (the expert
+    MLP width: partial outputs, summed) and over 'expert' (each expert shard computes its own experts'
+    assignments of the local tokens, the others are marked invalid; outputs summed)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    sizes = {} if mesh.empty else {a: s for a, s in mesh.shape.items() if s > 1}
+    if not sizes:
+        return fn(x, up, down, routing)
+    tokens = logical_to_spec(("batch", None), x.shape, sizes)
+    up_spec = logical_to_spec(("experts", None, "expert_mlp"), up.shape, sizes)
+    down_spec = logical_to_spec(("experts", "expert_mlp", None), down.shape, sizes)
+    split_experts, split_width = up_spec[0] is not None, up_spec[2] is not None
+    summed = tuple(a for a, on in ((up_spec[0], split_experts), (up_spec[2], split_width)) if on)
+
+    def local(x, up, down, weights, experts, scores):
+        # the local result differs per expert / tensor shard: said explicitly, because jax 0.10.2 otherwise loses
+        # the psum in the transpose of x[token] (varying indices into an invariant x): dx came out wrong
+        if summed:
+            x, weights = (jax.lax.pcast(a, summed, to="varying") for a in (x, weights))
+        routing = Routing(weights, experts, scores)
+        if split_experts:
+            e = up.shape[0]
+            first = jax.lax.axis_index(up_spec[0]) * e
+            mine = (experts >= first) & (experts < first + e)
+            routing = Routing(jnp.where(mine, weights, 0.0), jnp.where(mine, experts - first, 0),
+                              jax.lax.dynamic_slice_in_dim(scores, first, e, axis=1), mine)
+        y = fn(x, up, down, routing)
+        return jax.lax.psum(y, summed) if summed else y
+
+    return jax.shard_map(local, in_specs=(tokens, up_spec, down_spec, tokens, tokens, tokens),
+                         out_specs=tokens)(x, up, down, routing.weights, routing.experts, routing.scores)
 
 
 def resolve_impl(impl: str) -> str:
@@ -136,8 +179,11 @@ def resolve_impl(impl: str) -> str:
 class MoE(nnx.Module):
     """x [batch, seq, hidden] -> [batch, seq, hidden] with the mixer interface of layers/common.py. Stateless."""
 
+    CAST_ON_USE = ("up_proj", "down_proj")      # read only as .astype(compute dtype) (layers/block.py scan)
+
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
+        self.compute_dtype = cfg.compute_dtype
         d, e, i, pd = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.param_dtype
         width = cfg.moe_latent_size or d
         init = nnx.initializers.normal(cfg.initializer_range)
@@ -175,7 +221,8 @@ class MoE(nnx.Module):
         experts = {"dense": experts_dense, "ragged": experts_ragged,
                    "capacity": lambda *a: experts_capacity(*a, cfg.runtime.moe_capacity_factor)}
         # fp32 accumulation, cast before fc2 (as HF)
-        y = experts[resolve_impl(impl or cfg.runtime.moe_impl)](h, up, down, routing).astype(compute)
+        y = experts_on_mesh(experts[resolve_impl(impl or cfg.runtime.moe_impl)], h, up, down, routing)
+        y = y.astype(compute)
         if self.fc2_latent_proj is not None:
             y = self.fc2_latent_proj(y)
         return (y + self.shared_experts.ffn(flat)).reshape(shape), None

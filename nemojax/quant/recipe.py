@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nemojax.config import ConfigError, check_choices
-from nemojax.layers.common import linear_dot
+from nemojax.layers.common import current_uid_shift, linear_dot
 
 PRECISIONS = ("bf16", "fp8", "nvfp4", "aqt_int8", "aqt_int4")
 F32 = jnp.float32
@@ -42,8 +42,10 @@ def rounding_key(key: jax.Array):
 
 
 def _layer_key(uid: int) -> jax.Array:
+    """uid + the scan's shift (layers/common.py uid_shift): a scanned layer is traced once with the uids of its
+    first repeat, so every repeat still gets its own rounding key."""
     base = _ROUNDING_KEY.get()
-    return jax.random.fold_in(jax.random.key(0) if base is None else base, uid)
+    return jax.random.fold_in(jax.random.key(0) if base is None else base, uid + current_uid_shift())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +94,8 @@ class QuantOptions:
 class QuantDot:
     """A dot_general for nnx.Linear (x [..., K] @ kernel [K, N]) that runs a fake-quantized matmul.
     kind: nvfp4 (the training recipe), nvfp4_ste (W4A4 forward, straight-through backward: PTQ and the QAD
-    student), fp8, aqt; uid: the layer id folded into the stochastic-rounding key."""
+    student), fp8, aqt; uid: the layer id folded into the stochastic-rounding key (the `uid` protocol of
+    layers/common.py, which lets scanned layers share one trace)."""
 
     kind: str
     uid: int
