@@ -75,7 +75,10 @@ def test_hf_config_round_trip_through_transformers(tmp_path):
     assert (hf.mamba_num_heads, hf.mamba_head_dim, hf.n_groups, hf.head_dim) == (128, 80, 8, 128)
     hf.save_pretrained(str(tmp_path / "hf"))
     back = ModelConfig.from_hf(str(tmp_path / "hf"), dt_clamp="none")
-    assert back == cfg
+    # HF config.json carries the architecture only; runtime options (scan_layers, remat, ...) come from the
+    # YAML or the command line, so they are compared apart from the architecture.
+    assert back.runtime.dt_clamp == "none" and cfg.runtime.scan_layers and not back.runtime.scan_layers
+    assert back.replace(runtime=cfg.runtime) == cfg
     json.loads((tmp_path / "config.json").read_text())  # strict JSON (no bare Infinity)
 
 
