@@ -72,7 +72,8 @@ def render(results: dict) -> str:
     lines += ["", f"Host: {', '.join(hosts)}.", "",
               "Scanned layers keep one stacked copy of each scanned block's parameters (in the compute dtype) and "
               "their stacked gradients inside the step, which is the memory difference; the parameters stay "
-              "stored per layer (docs/architecture.md, Decisions)."]
+              "stored per layer (docs/architecture.md, Decisions). MoE experts run as TPU's moe_impl=auto "
+              "resolves: the megablox grouped-matmul kernel (gmm)."]
     return "\n".join(lines) + "\n"
 
 

@@ -41,17 +41,28 @@ CASES = {"train": ("train", None), "decode1": ("decode", 1), "decode32": ("decod
 
 
 NOTES = [
-    "- Compiled train rows so far: Nemotron-H 8B (v5p-8, batch 4, 296 s) and 56B (v5p-64, batch 32, 947 s); "
-    "a train step takes 5-16 minutes to compile on the 2-core host, so the other train rows are plans.",
-    "- Nemotron 3 Super's train step compiles through the TPU compiler but is refused for memory on v5p-128 "
-    "(pure FSDP, batch 64: the compiler asks 6 TB per chip). Its MoE layers use `jax.lax.ragged_dot`; at tiny "
-    "size its temporaries grow with the expert count, so the expert dispatch, not the plan, is what does not "
-    "scale (a grouped-matmul kernel or shard_map expert parallelism is the fix). The MoE train plans are "
-    "therefore unverified.",
+    "- Compiled train rows: see the table's \"compiled\" column (8B and 56B were compiled unrolled, before "
+    "scan_layers; the others scanned with MoE experts through gmm). Nemotron 3 Nano 30B-A3B fits on v5p-32 "
+    "(64.6 GB per chip; v5p-16 asks 103.6 GB, just over); Nemotron 3 Super compiles but does not fit (below). "
+    "Train steps take 3-13 minutes to compile on the 2-core host (benchmarks/compile_time.md: scanned layers "
+    "halve it for 8B and 56B), so rows without a compiled slice are plans.",
+    "- Nemotron 3 Super's train step (scanned, remat=block, pure FSDP, one sequence per chip) compiles but asks "
+    "more HBM per chip than v5p has (102.8 GB): 124 GB on v5p-128 and 122 GB on v5p-256 (with ragged_dot "
+    "dispatch 110 and 113 GB). Two MoE fixes got it there: each data shard now sorts and computes only its own "
+    "tokens' expert assignments (shard_map; left to GSPMD every chip sorted the global batch and the compiler "
+    "asked 6 TB per chip), and on TPU the experts run through the megablox grouped-matmul kernel (moe_impl=gmm): "
+    "XLA's TPU lowering of jax.lax.ragged_dot does dense work over all experts (its compiled FLOPs were 42x "
+    "gmm's). What is left is temporaries (97-110 GB), and doubling the chips does not shrink them: with one "
+    "sequence per chip they do not depend on the slice. The buffer assignment of a 5-layer cut of Super "
+    "(ragged_dot dispatch) showed why: pure FSDP gathers all 512 experts' weights of a layer on every chip "
+    "(bf16[512, 1024, 2688], 2.6 GB, several live copies) and their fp32 gradients (5.3 GB each) before the "
+    "reduce-scatter, next to 4 GB of fp32 logits. Expert parallelism (tokens to the chips that own their experts, "
+    "all-to-all or all-gather with compacted local assignments) avoids the gathers and is not built. The MoE "
+    "train plan for Super is therefore unverified.",
     "- 56B on v6e: no slice up to v6e-256 fits with FSDP alone (one 8192-token sequence per chip needs ~24 GB "
     "of activations and logits); tensor parallelism or sequence sharding would be needed and is not planned here.",
-    "- MFU \"n/a\": the compiler's FLOP count of the partitioned program came out below the model FLOPs, so the "
-    "roofline is the model FLOPs at peak and says nothing about utilisation.",
+    "- MFU \"n/a\": the compiler's FLOP count of the partitioned program came out below the model FLOPs (scanned "
+    "steps count a loop body once), so the roofline is the model FLOPs at peak and says nothing about utilisation.",
 ]
 
 

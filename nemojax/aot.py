@@ -290,7 +290,7 @@ def compile_plan(cfg: ModelConfig, topology: str, mesh: MeshConfig = MeshConfig(
         raise ConfigError(f"--step must be train, prefill or decode, got {step!r}")
     runtime = dict(dtype="bfloat16", param_dtype="float32" if step == "train" else "bfloat16")
     if cfg.runtime.moe_impl == "auto":     # 'auto' resolves by the host's backend (CPU here): use the TPU choice
-        runtime["moe_impl"] = "ragged"
+        runtime["moe_impl"] = "gmm"
     if remat is not None:
         runtime["remat"] = remat
     if scan_layers is not None:

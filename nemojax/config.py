@@ -92,7 +92,7 @@ class RuntimeOptions:
     param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     chunk_size: int = 128                                               # SSD chunk (HF config.json's chunk_size)
     ssd_impl: Literal["chunked", "naive", "associative", "pallas"] = "chunked"   # see nemojax/ssd
-    moe_impl: Literal["auto", "ragged", "capacity", "dense"] = "auto"   # see layers/moe.py
+    moe_impl: Literal["auto", "ragged", "gmm", "capacity", "dense"] = "auto"   # see layers/moe.py
     moe_capacity_factor: Optional[float] = None  # 'capacity' slots per expert = cf * tokens * k / E; None: dropless
     moe_aux_loss_coef: float = 0.0               # Switch-style balance loss; 0 = aux-loss-free (bias updates)
     mtp_depth: int = 1                           # prediction depths trained/drafted by the MTP head

@@ -56,7 +56,7 @@ def main():
     out = {}
     for latent in (None, 12):
         cfg = CFG.replace(moe_latent_size=latent)
-        for impl in ("dense", "ragged", "capacity"):
+        for impl in ("dense", "ragged", "capacity", "gmm"):
             ref_value, ref_grads = run(cfg, impl)
             for name, mesh_cfg in MESHES.items():
                 value, grads = run(cfg, impl, make_mesh(mesh_cfg))
