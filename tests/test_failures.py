@@ -253,6 +253,22 @@ def test_checkpoint_integrity_detects_changed_and_non_finite_arrays(tmp_path, mo
     ckpt.close()
 
 
+def test_a_step_listed_but_not_finalized_is_not_last_good(tmp_path, monkeypatch):
+    """Orbax lists a step from the moment its asynchronous save starts, and keeps listing it when the save fails
+    (the race behind a CI failure: 'Last good checkpoint: step 4' for a step whose files could not be written).
+    Only a step whose directory is finalized on disk counts."""
+    from nemojax.train import checkpoint
+
+    ckpt = checkpoint.Checkpoints(str(tmp_path), keep=5)
+    ckpt.save(1, {"w": jnp.ones(4)}, {"pos": 1})
+    ckpt.wait()
+    (tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp-1700000000").mkdir()    # a save that never finished
+    ckpt.finite[2] = True
+    monkeypatch.setattr(ckpt, "steps", lambda: [1, 2])
+    assert ckpt.last_good() == 1
+    ckpt.close()
+
+
 def test_changed_architecture_on_resume_is_one_clear_error(tmp_path, corpus):
     make(tmp_path, corpus, "train.steps=5").run(progress=False)
     with pytest.raises(ConfigError, match=r"another architecture \(intermediate_size 128 -> 64\)"):

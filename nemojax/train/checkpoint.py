@@ -164,9 +164,15 @@ class Checkpoints:
         return restored.state, dict(restored.data)
 
     def last_good(self) -> Optional[int]:
-        """The latest kept step whose values were finite when saved or verified in this process."""
+        """The latest kept step whose values were finite when saved or verified in this process and whose save
+        has finished: Orbax lists a step as soon as its asynchronous save starts, also when that save then fails,
+        so a step counts only once its directory is finalized on disk."""
         kept = set(self.steps())
-        return max((s for s, ok in self.finite.items() if ok and s in kept), default=None)
+        return max((s for s, ok in self.finite.items() if ok and s in kept and self._finalized(s)), default=None)
+
+    def _finalized(self, step: int) -> bool:
+        path = self.mgr.directory / str(step)
+        return path.exists() and ocp.step.is_path_finalized(path)
 
     def check_for_errors(self) -> None:
         """Raises the error of a finished asynchronous save that failed."""
