@@ -1,6 +1,6 @@
 """Command line: `nemojax train`, `nemojax generate`, `nemojax chat`, `nemojax eval`,
-`nemojax convert hf-to-orbax|orbax-to-hf SRC DST`, `nemojax pack`, `nemojax compile` (TPU plans), `nemojax info`,
-`nemojax demo`. The training stack is imported only by `train` (and `compile`)."""
+`nemojax convert hf-to-orbax|orbax-to-hf SRC DST`, `nemojax pack`, `nemojax prune`, `nemojax compile` (TPU plans),
+`nemojax info`, `nemojax demo`. The training stack is imported only by `train` (and `compile`)."""
 
 from __future__ import annotations
 
@@ -287,6 +287,76 @@ def _cmd_pack(args) -> int:
     return 0
 
 
+def _drop_layers_arg(text: Optional[str]):
+    """--drop-layers: 'K' (a count: the K least important layers) or 'i,j,...' (indices; '5,' is layer 5)."""
+    if text is None:
+        return ()
+    try:
+        if "," not in text:
+            return int(text)
+        return tuple(int(i) for i in text.split(",") if i.strip())
+    except ValueError:
+        raise ValueError(f"--drop-layers {text!r}: expected a count K or layer indices i,j,...") from None
+
+
+def _cmd_prune(args) -> int:
+    """Importance from a calibration forward (or --scores), then width / depth pruning; the last line is JSON."""
+    import json
+
+    from nemojax.compress import importance, prune
+    from nemojax.convert.auto import model_config
+    from nemojax.convert.hf import save_hf
+    from nemojax.convert.orbax import save_orbax
+    from nemojax.fs import model_path
+    from nemojax.train.sources import Documents
+
+    src = model_path(args.src)
+    cfg = model_config(src)
+    drop = _drop_layers_arg(args.drop_layers)
+    sizes = {name: getattr(args, name) for name in prune.Targets.WIDTHS}
+    explicit = drop if isinstance(drop, tuple) else ()
+    prune.pruned_config(cfg, prune.Targets(**sizes, drop_layers=explicit))        # bad targets: before any work
+    if isinstance(drop, int) and not 0 < drop < cfg.num_layers:
+        raise ValueError(f"--drop-layers {drop}: the model has {cfg.num_layers} layers; drop 1 to "
+                         f"{cfg.num_layers - 1}")
+    if not any(v is not None for v in sizes.values()) and not drop:
+        raise ValueError("nothing to prune: give a target size (--hidden-size, ...) or --drop-layers")
+    check_writable_target(args.dst, args.force, sources=(src,))
+    model = load_model(src)
+    scores = None
+    if args.scores and os.path.exists(args.scores):
+        scores = importance.Scores.load(args.scores, cfg)
+        print(f"nemojax prune: importance scores from {args.scores} ({scores.tokens:,} tokens)", file=sys.stderr)
+    needs_depth = isinstance(drop, int) and args.depth_metric != "bi"
+    if scores is None or (needs_depth and f"depth/{args.depth_metric}" not in scores.stats):
+        tok = load_tokenizer(src, cfg.bos_token_id, cfg.stop_token_ids[0] if cfg.stop_token_ids else None,
+                             tokenizer=args.tokenizer)
+        docs = Documents(args.calib, args.text_key)
+        batches = importance.calibration_batches(cfg, (docs[i] for i in range(len(docs))), tok, args.calib_tokens,
+                                                 args.calib_seq_len, args.calib_batch)
+        if scores is None:
+            scores = importance.collect(model, batches)
+        if needs_depth:
+            scores.stats.update(importance.depth_scores(model, batches))
+        print(f"nemojax prune: importance from {scores.tokens:,} calibration tokens of {args.calib}", file=sys.stderr)
+        if args.scores:
+            scores.save(args.scores)
+    if isinstance(drop, int):
+        drop = tuple(sorted(int(i) for i in prune.rank_layers(scores, cfg.num_layers, args.depth_metric)[:drop]))
+    pruned = prune.prune(model, scores, prune.Targets(**sizes, drop_layers=drop))
+    if args.hf:
+        save_hf(pruned, args.dst, force=args.force, tokenizer_from=src)
+    else:
+        save_orbax(pruned, args.dst, force=args.force, tokenizer_from=src)
+    before, after = count_params(model), count_params(pruned)
+    print(f"pruned {before:,} -> {after:,} parameters ({after / before:.1%}); pattern {pruned.config.pattern!r}"
+          f"{f', dropped layers {list(drop)}' if drop else ''}; wrote {args.dst}", file=sys.stderr)
+    changed = {k: v for k, v in pruned.config.to_dict().items() if k != "runtime" and v != cfg.to_dict()[k]}
+    print(json.dumps({"src": args.src, "dst": args.dst, "params_before": before, "params_after": after,
+                      "dropped_layers": list(drop), "changed": changed}))
+    return 0
+
+
 def _cmd_train(args) -> int:
     from nemojax.distributed import initialize
     from nemojax.train.trainer import Trainer, TrainingError, TrainingInterrupted, load_run_config
@@ -445,6 +515,36 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--force", action="store_true", help="replace an existing non-empty DST (only once the new one is "
                    "complete)")
     k.set_defaults(func=_cmd_pack)
+
+    r = sub.add_parser("prune", help="prune a model by activation importance (Minitron / Minitron-SSM): width "
+                       "(embedding, MLP, attention, group-aware Mamba, experts) and depth")
+    r.add_argument("src", help="HF checkpoint dir, nemojax model dir, or a cached Hub id")
+    r.add_argument("dst", help="the pruned model directory to write")
+    for name, what in (("hidden_size", "embedding channels"), ("intermediate_size", "MLP neurons"),
+                       ("mamba_num_heads", "Mamba heads (a multiple of n_groups; the same number per group)"),
+                       ("mamba_head_dim", "Mamba head-dim channels (the same in every head)"),
+                       ("num_attention_heads", "attention query heads (pruned within KV groups)"),
+                       ("num_key_value_heads", "attention KV groups (whole groups)"),
+                       ("n_routed_experts", "routed experts per MoE layer"),
+                       ("moe_intermediate_size", "neurons of each routed expert")):
+        r.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=None,
+                       help=f"target {what} (default: keep)")
+    r.add_argument("--drop-layers", default=None, help="K (the K least important layers by --depth-metric) or "
+                   "layer indices i,j,... ('5,' is layer 5)")
+    r.add_argument("--depth-metric", choices=["loss", "nmse", "bi"], default="loss", help="layer ranking for a "
+                   "--drop-layers count: LM-loss increase, normalized logit MSE when dropped, or block importance")
+    r.add_argument("--calib", default="stdlib", help="calibration corpus (as train.data.corpus)")
+    r.add_argument("--text-key", default="text", help="the text field of JSONL / Parquet / ArrayRecord records")
+    r.add_argument("--calib-tokens", type=int, default=65536, help="calibration tokens")
+    r.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window")
+    r.add_argument("--calib-batch", type=int, default=8, help="windows per calibration forward")
+    r.add_argument("--scores", default=None, help="importance scores file: read when it exists (no calibration), "
+                   "else written after calibrating")
+    r.add_argument("--tokenizer", default="auto", help="as for generate")
+    r.add_argument("--hf", action="store_true", help="write an HF checkpoint (default: a nemojax Orbax dir)")
+    r.add_argument("--force", action="store_true", help="replace an existing non-empty DST (only once the new one is "
+                   "complete)")
+    r.set_defaults(func=_cmd_prune)
 
     d = sub.add_parser("demo", help="forward pass of a randomly initialised model")
     d.add_argument("--config", default="tiny", help=CONFIG_HELP)

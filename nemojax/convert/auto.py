@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from nemojax.config import ModelConfig
 from nemojax.convert.hf import load_hf
-from nemojax.convert.orbax import CONFIG_FILE, PACK_FILE, load_orbax, load_packed
+from nemojax.convert.orbax import CONFIG_FILE, PACK_FILE, load_orbax, load_packed, read_config
 from nemojax.fs import model_path
 
 
@@ -27,4 +28,14 @@ def load_model(path: str, dtype: Optional[str] = None, mesh=None):
         return load_orbax(path, dtype=dtype, mesh=mesh)
     if os.path.isfile(os.path.join(path, "config.json")):
         return load_hf(path, dtype=dtype or "float32", mesh=mesh)
+    raise FileNotFoundError(f"{path} is neither an HF checkpoint (config.json) nor a nemojax Orbax checkpoint")
+
+
+def model_config(path: str) -> ModelConfig:
+    """The config of a model directory (HF or nemojax), without reading its weights."""
+    path = model_path(path)
+    if os.path.isfile(os.path.join(path, CONFIG_FILE)):
+        return read_config(path)
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return ModelConfig.from_hf(path)
     raise FileNotFoundError(f"{path} is neither an HF checkpoint (config.json) nor a nemojax Orbax checkpoint")

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nemojax.config import ModelConfig
-from nemojax.layers.common import Mode, linear, output_init_std
+from nemojax.layers.common import Mode, channel_stat, linear, output_init_std, record
 from nemojax.layers.norm import RMSNorm
 
 F32 = jnp.float32
@@ -210,6 +210,8 @@ class Attention(nnx.Module):
         q, k, v = self.project_qkv(x)
         if mode is Mode.TRAIN:
             out = gqa_attention(q, k, v, key_mask=mask, softcap=self.softcap)
+            # head importance: L2 over each head's channels of the o_proj input (Minitron)
+            record(self, "heads", lambda: channel_stat(jnp.linalg.norm(out.astype(F32), axis=-1)))
             return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), None
         pos = 0 if mode is Mode.PREFILL else cache.pos           # a Python 0 keeps the prefill slices static
         new_valid = jnp.ones((b, t), bool) if mask is None else mask.astype(bool)

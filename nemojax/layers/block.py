@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nemojax.config import LAYER_KINDS, ModelConfig
-from nemojax.layers.common import Mode, uid_shift
+from nemojax.layers.common import Mode, channel_stat, record, uid_shift
 from nemojax.layers.norm import RMSNorm
 from nemojax.sharding import constrain
 
@@ -48,8 +48,20 @@ class Block(nnx.Module):
         """Returns (h', the mixer's new cache); the mixer gets the same arguments whatever its kind."""
         with jax.named_scope(self.scope):
             x = h.astype(self.compute_dtype)
-            y, cache = self.mixer(x if self.norm is None else self.norm(x), mask=mask, cache=cache, mode=mode)
-            return h.astype(self.residual_dtype) + y.astype(self.residual_dtype), cache
+            normed = x if self.norm is None else self.norm(x)
+            record(self, "embed", lambda: channel_stat(normed))          # embedding-channel importance
+            y, cache = self.mixer(normed, mask=mask, cache=cache, mode=mode)
+            out = h.astype(self.residual_dtype) + y.astype(self.residual_dtype)
+            record(self, "cosine", lambda: _cosine_sum(h, out))        # block importance 1 - mean cos(in, out)
+            record(self, "tokens", lambda: jnp.float32(h.shape[0] * h.shape[1]))
+            return out, cache
+
+
+def _cosine_sum(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Sum over positions of cos(a, b) along the hidden axis, fp32; a, b [batch, seq, hidden]."""
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    dot = jnp.sum(a * b, axis=-1)
+    return jnp.sum(dot / jnp.maximum(jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1), 1e-12))
 
 
 def _call(block: Block, h, mask, cache, mode):

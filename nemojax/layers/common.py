@@ -16,6 +16,7 @@ import contextvars
 import enum
 import functools
 import math
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +62,26 @@ def uid_shift(shift):
 
 def current_uid_shift():
     return _UID_SHIFT.get()
+
+
+class Importance(nnx.Variable):
+    """Activation statistics a calibration forward sums up (compress/importance.py). Modules write them with
+    `record`, which does nothing unless the forward runs under nnx.capture(Importance): ordinary forwards trace
+    no extra work and models hold no such variables."""
+
+
+def record(module: nnx.Module, name: str, stat) -> None:
+    """While nnx.capture(Importance) runs the forward, adds stat() (an fp32 array, computed only then) to the
+    module's captured value `name`."""
+    if any(type(v) is Importance for v in getattr(module, "__captures__", ())):
+        module.sow(Importance, name, stat(), init_fn=lambda: 0, reduce_fn=operator.add)
+
+
+def channel_stat(a: jax.Array) -> jax.Array:
+    """Minitron's aggregation of activations a [batch, seq, *channels] -> [*channels]: the sum over rows of the
+    squared mean |a| over the sequence (the importance score is the square root of its sum over calibration
+    batches: mean over sequence, L2 over batch)."""
+    return jnp.sum(jnp.mean(jnp.abs(a.astype(jnp.float32)), axis=1) ** 2, axis=0)
 
 
 def param(value: jax.Array, axes: tuple) -> nnx.Param:

@@ -17,7 +17,7 @@ from flax import nnx
 
 from nemojax import ssd
 from nemojax.config import ModelConfig
-from nemojax.layers.common import Mode, linear, output_init_std, param
+from nemojax.layers.common import Mode, channel_stat, linear, output_init_std, param, record
 from nemojax.layers.norm import GatedGroupRMSNorm
 
 F32 = jnp.float32
@@ -107,6 +107,10 @@ class Mamba2Mixer(nnx.Module):
         self.D = param(jnp.ones((h,), pd), ("mamba_heads",))
         self.norm = GatedGroupRMSNorm(inner, g, cfg.layer_norm_epsilon, pd)
         self.out_proj = linear(cfg, inner, d, rngs, ("mamba_heads", "embed"), bias=bias, std=output_init_std(cfg))
+        # Optional [heads, head_dim] 0/1 mask (an nnx.Variable; compress/ sets it): masked channels give no output
+        # and are left out of the gated norm's group statistics, so the layer computes what the layer with those
+        # heads and channels pruned computes.
+        self.channel_mask = nnx.data(None)
 
     def init_cache(self, batch: int, max_len: int, dtype) -> MambaState:
         cfg, k, gn = self.cfg, self.cfg.conv_kernel - 1, self.cfg.n_groups * self.cfg.ssm_state_size
@@ -139,6 +143,8 @@ class Mamba2Mixer(nnx.Module):
         z = self.in_proj_z(x)
         convs = (self.conv_x, self.conv_B, self.conv_C)
         inputs = (self.in_proj_x(x), self.in_proj_B(x), self.in_proj_C(x))
+        # head and head-dim channel importance (Minitron-SSM: the x part of the input projection)
+        record(self, "x", lambda: channel_stat(inputs[0].reshape(b, t, h, p)))
         fresh = cache is None or mode is Mode.PREFILL              # PREFILL starts from zero whatever the cache held
         prefixes = (None,) * 3 if fresh else (cache.conv_x, cache.conv_B, cache.conv_C)
         convolved = [conv(a, prefix) for conv, a, prefix in zip(convs, inputs, prefixes)]  # (out, new prefix)
@@ -157,7 +163,8 @@ class Mamba2Mixer(nnx.Module):
         else:                               # TRAIN, PREFILL, EXTEND
             y, state = ssd.ssd(x4, dt, A, B4, C4, D, None if fresh else cache.ssm,
                                impl=cfg.runtime.ssd_impl, chunk_size=cfg.runtime.chunk_size)
-        y = self.norm(y.reshape(b, t, h * p), z)                          # fp32
+        keep = None if self.channel_mask is None else self.channel_mask[...].astype(F32).reshape(h * p)
+        y = self.norm(y.reshape(b, t, h * p), z, keep)                    # fp32
         out = self.out_proj(y.astype(cfg.compute_dtype))
         if mode is Mode.TRAIN:
             return out, None

@@ -8,7 +8,7 @@ import jax
 from flax import nnx
 
 from nemojax.config import ModelConfig
-from nemojax.layers.common import Mode, linear, output_init_std
+from nemojax.layers.common import Mode, channel_stat, linear, output_init_std, record
 
 
 def relu2(x: jax.Array) -> jax.Array:
@@ -28,7 +28,10 @@ class MLP(nnx.Module):
         return None
 
     def ffn(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(relu2(self.up_proj(x)))
+        a = relu2(self.up_proj(x))
+        if a.ndim == 3:                          # [batch, seq, F]; MoE's shared expert sees flat tokens
+            record(self, "neurons", lambda: channel_stat(a))
+        return self.down_proj(a)
 
     def __call__(self, x: jax.Array, *, mask: Optional[jax.Array] = None, cache=None, mode: Mode = Mode.TRAIN):
         return self.ffn(x), None

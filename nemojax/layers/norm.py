@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -39,9 +41,18 @@ class GatedGroupRMSNorm(nnx.Module):
         self.groups = groups
         self.eps = eps
 
-    def __call__(self, y: jax.Array, z: jax.Array) -> jax.Array:
+    def __call__(self, y: jax.Array, z: jax.Array, keep: Optional[jax.Array] = None) -> jax.Array:
+        """keep [inner] (0/1, optional): channels left out; they come out zero and each group's mean square is
+        over its kept channels only (what the norm of the layer with them pruned computes)."""
         g = y.astype(F32) * jax.nn.silu(z.astype(F32))
         shape = g.shape
-        g = g.reshape(shape[:-1] + (self.groups, shape[-1] // self.groups))
-        g = g * jax.lax.rsqrt(jnp.mean(g * g, axis=-1, keepdims=True) + self.eps)
+        split = shape[:-1] + (self.groups, shape[-1] // self.groups)
+        g = g.reshape(split)
+        if keep is None:
+            mean_square = jnp.mean(g * g, axis=-1, keepdims=True)
+        else:
+            keep = keep.reshape(split[-2:])
+            g = g * keep
+            mean_square = jnp.sum(g * g, axis=-1, keepdims=True) / jnp.maximum(keep.sum(-1, keepdims=True), 1.0)
+        g = g * jax.lax.rsqrt(mean_square + self.eps)
         return self.weight[...].astype(F32) * g.reshape(shape)

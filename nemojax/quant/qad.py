@@ -1,30 +1,12 @@
 """Quantization-aware distillation (quant_training.md §3, arXiv 2601.20088): a frozen high-precision teacher,
 a student with NVFP4 fake-quantized linear layers (W4A4 forward, straight-through gradients) initialised from
 the teacher's weights (= PTQ), trained on the per-token KL(p_teacher || p_student) of the logits only:
-temperature 1 and no cross-entropy term.
+temperature 1 and no cross-entropy term: compress/distill.py with its defaults.
 """
 
 from __future__ import annotations
 
-from typing import Optional
-
-import jax
-import jax.numpy as jnp
-
-F32 = jnp.float32
-
-
-def logit_kl(teacher_logits: jax.Array, student_logits: jax.Array, mask: Optional[jax.Array] = None,
-             temperature: float = 1.0) -> jax.Array:
-    """Mean over counted tokens of T^2 * KL(softmax(t/T) || softmax(s/T)). logits [batch, seq, vocab];
-    mask [batch, seq] (1 = counted)."""
-    t = jax.nn.log_softmax(teacher_logits.astype(F32) / temperature, axis=-1)
-    s = jax.nn.log_softmax(student_logits.astype(F32) / temperature, axis=-1)
-    kl = jnp.sum(jnp.exp(t) * (t - s), axis=-1) * temperature ** 2
-    if mask is None:
-        return jnp.mean(kl)
-    mask = mask.astype(F32)
-    return jnp.sum(kl * mask) / jnp.maximum(mask.sum(), 1.0)
+from nemojax.compress.distill import logit_kl  # noqa: F401  (the loss; QAD is distillation into NVFP4)
 
 
 def check_same_architecture(student_cfg, teacher_cfg) -> None:

@@ -27,6 +27,7 @@ import optax
 from etils import epath
 from flax import nnx
 
+from nemojax.compress.distill import DistillConfig, logit_kl
 from nemojax.config import ConfigError, ModelConfig, build, check_bounds, check_choices, read_run_config
 from nemojax.fs import storage_reason
 from nemojax.model import PERSISTENT, NemotronH
@@ -72,6 +73,9 @@ class TrainConfig:
     precision: Literal["bf16", "fp8", "nvfp4", "aqt_int8", "aqt_int4"] = "bf16"   # bf16: no quantization
     quant: QuantOptions = QuantOptions()  # recipe details (high-precision blocks, RHT, SR, forward switch)
     qad_teacher: str = ""                 # model dir: distill it into an NVFP4 student started from its weights
+    distill_teacher: str = ""             # model dir: train the run's model on its logits (train.distill)
+    distill: DistillConfig = DistillConfig()   # the distillation loss (also QAD's): KL / CE weights, T, top-k
+    init_from: str = ""                   # model dir whose weights start a fresh run (e.g. a pruned model)
 
     def __post_init__(self):
         check_choices(self, "train")
@@ -80,6 +84,13 @@ class TrainConfig:
         if self.qad_teacher and self.precision != "nvfp4":
             raise ConfigError(f"QAD (train.qad_teacher) distills into an nvfp4 student; set train.precision=nvfp4 "
                               f"(got {self.precision!r})")
+        if self.qad_teacher and (self.distill_teacher or self.init_from):
+            raise ConfigError("train.qad_teacher is the teacher and the student's starting point; leave "
+                              "train.distill_teacher and train.init_from unset")
+
+    @property
+    def teacher(self) -> str:
+        return self.qad_teacher or self.distill_teacher
 
 
 def load_run_config(path: str, overrides: tuple = ()) -> tuple[ModelConfig, TrainConfig]:
@@ -89,9 +100,10 @@ def load_run_config(path: str, overrides: tuple = ()) -> tuple[ModelConfig, Trai
 
 
 def make_train_step(model_cfg: ModelConfig, cfg: TrainConfig, lr_schedule: optax.Schedule, jit: bool = True):
-    """step(model, opt, tokens [batch, seq+1], teacher=None) -> metrics. With a teacher (QAD) the loss is the
-    logit KL to it alone; "loss" then reports the student's cross entropy for comparison. jit=False returns the
-    plain function (nemojax.aot compiles it over abstract state for a TPU topology)."""
+    """step(model, opt, tokens [batch, seq+1], teacher=None) -> metrics. With a teacher (distillation, QAD) the
+    loss is compress/distill.py's (train.distill: logit KL, optional CE mix); "loss" then reports the student's
+    cross entropy, "kl_loss" the KL and, with a CE mix, "total_loss" the objective. jit=False returns the plain
+    function (nemojax.aot compiles it over abstract state for a TPU topology)."""
     mtp_depth = model_cfg.runtime.mtp_depth if model_cfg.num_nextn_predict_layers else 0
 
     def loss_fn(model, tokens):
@@ -99,13 +111,16 @@ def make_train_step(model_cfg: ModelConfig, cfg: TrainConfig, lr_schedule: optax
         total = main + cfg.mtp_loss_weight * sum(mtp) + moe_aux_loss(model)       # 0 without MoE layers
         return total, (main, mtp)
 
-    def qad_loss_fn(model, tokens, teacher):
-        from nemojax.quant.qad import logit_kl
+    kd = cfg.distill
 
+    def distill_loss_fn(model, tokens, teacher):
         inputs = tokens[:, :-1]
         student_logits = model(inputs)
-        kl = logit_kl(jax.lax.stop_gradient(teacher(inputs)), student_logits)
-        return kl, (jax.lax.stop_gradient(next_token_ce(student_logits, tokens)), [])
+        kl = logit_kl(jax.lax.stop_gradient(teacher(inputs)), student_logits, temperature=kd.temperature,
+                      top_k=kd.top_k)
+        ce = next_token_ce(student_logits, tokens)
+        loss = kd.kl_weight * kl + (kd.ce_weight * ce if kd.ce_weight else 0.0)
+        return loss, (jax.lax.stop_gradient(ce), jax.lax.stop_gradient(kl))
 
     def step(model, opt, tokens, teacher=None):
         # a fresh stochastic-rounding key per step for quantized matmuls (layers fold in their own ids)
@@ -113,13 +128,17 @@ def make_train_step(model_cfg: ModelConfig, cfg: TrainConfig, lr_schedule: optax
             if teacher is None:
                 (loss, (main, mtp)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, tokens)
             else:
-                (loss, (main, mtp)), grads = nnx.value_and_grad(qad_loss_fn, has_aux=True)(model, tokens, teacher)
+                (loss, (main, kl)), grads = nnx.value_and_grad(distill_loss_fn, has_aux=True)(model, tokens,
+                                                                                           teacher)
+                mtp = []
         opt.update(model, grads)
         if cfg.moe_bias_update_rate:
             update_expert_bias(model, cfg.moe_bias_update_rate)          # no-op without MoE layers
-        metrics = {"loss": main, ("kl_loss" if teacher is not None else "total_loss"): loss,
-                   "grad_norm": optax.tree.norm(grads),
-                   "lr": lr_schedule(opt.step[...] - 1)}
+        metrics = {"loss": main, "grad_norm": optax.tree.norm(grads), "lr": lr_schedule(opt.step[...] - 1)}
+        if teacher is None or kd.ce_weight:
+            metrics["total_loss"] = loss
+        if teacher is not None:
+            metrics["kl_loss"] = kl
         for k, m in enumerate(mtp, start=1):
             metrics[f"mtp_loss_{k}"] = m
         return metrics
@@ -246,12 +265,14 @@ def run_record(model_cfg: ModelConfig, cfg: TrainConfig) -> dict:
     teacher and the step count its learning-rate schedule was laid out over. JSON-ready."""
     arch = {k: v for k, v in model_cfg.to_dict().items() if k != "runtime"}
     record = {"architecture": arch, "precision": cfg.precision, "quant": dataclasses.asdict(cfg.quant),
-              "qad_teacher": _teacher_path(cfg), "steps": cfg.steps}
+              "qad_teacher": _abspath(cfg.qad_teacher), "steps": cfg.steps}
+    if cfg.distill_teacher:                    # absent otherwise: records of earlier runs stay comparable
+        record.update(distill_teacher=_abspath(cfg.distill_teacher), distill=dataclasses.asdict(cfg.distill))
     return json.loads(json.dumps(record, default=str))
 
 
-def _teacher_path(cfg: TrainConfig) -> str:
-    return "" if not cfg.qad_teacher or "://" in cfg.qad_teacher else os.path.abspath(cfg.qad_teacher)
+def _abspath(path: str) -> str:
+    return "" if not path or "://" in path else os.path.abspath(path)
 
 
 def _differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
@@ -278,15 +299,18 @@ class Trainer:
         self.ckpt_dir = cfg.ckpt_dir if remote else os.path.abspath(cfg.ckpt_dir)
         self.log_dir = os.path.abspath(cfg.log_dir or ("logs" if remote else cfg.ckpt_dir))
         self.is_chief = jax.process_index() == 0
-        teacher = _teacher_path(cfg)
+        teacher = _abspath(cfg.teacher)
         if teacher and not remote and os.path.commonpath([teacher, self.ckpt_dir]) == self.ckpt_dir:
-            raise ConfigError(f"train.qad_teacher {cfg.qad_teacher!r} lies inside this run's train.ckpt_dir "
+            field = "qad_teacher" if cfg.qad_teacher else "distill_teacher"
+            raise ConfigError(f"train.{field} {cfg.teacher!r} lies inside this run's train.ckpt_dir "
                               f"{cfg.ckpt_dir!r}, whose export (CKPT_DIR/model) would overwrite the teacher; give the "
-                              f"QAD run its own train.ckpt_dir")
+                              f"run its own train.ckpt_dir")
         self._val_batches = None
         self.lr_schedule = schedule(cfg.optim, cfg.steps)
         self.model = NemotronH(model_cfg, nnx.Rngs(cfg.seed))
-        self.teacher = self._load_teacher() if cfg.qad_teacher else None
+        self.teacher = self._load_teacher() if cfg.teacher else None
+        if cfg.init_from:
+            self._init_from(cfg.init_from)
         self.opt = nnx.Optimizer(self.model, make_optimizer(cfg.optim, cfg.steps), wrt=nnx.Param)
         self.mesh = make_mesh(cfg.mesh)
         if self.mesh.size > 1:       # parameters and optimizer state placed by their specs; restores keep them
@@ -300,21 +324,39 @@ class Trainer:
         self.history: list[dict] = []
 
     def _load_teacher(self) -> NemotronH:
-        """The frozen QAD teacher; the student starts from its weights (post-training quantization)."""
+        """The frozen teacher. QAD: the student starts from its weights (post-training quantization);
+        distillation: it must share the student's vocabulary."""
+        from nemojax.compress.distill import check_teacher
         from nemojax.convert.auto import load_model
         from nemojax.quant.qad import check_same_architecture
 
-        teacher = load_model(self.cfg.qad_teacher, dtype=self.model_cfg.runtime.param_dtype)
+        teacher = load_model(self.cfg.teacher, dtype=self.model_cfg.runtime.param_dtype)
+        if not self.cfg.qad_teacher:
+            check_teacher(self.model_cfg, teacher.config)
+            return teacher
         check_same_architecture(self.model_cfg, teacher.config)
         # copies: the train step donates the student's buffers, which must not be the teacher's
         nnx.update(self.model, jax.tree.map(jnp.copy, nnx.state(teacher, PERSISTENT)))
         return teacher
 
+    def _init_from(self, path: str) -> None:
+        """Starts the model from the weights of a model directory of the same architecture (a resumed run
+        restores its checkpoint over them)."""
+        from nemojax.convert.auto import load_model
+
+        source = load_model(path, dtype=self.model_cfg.runtime.param_dtype)
+        a, b = (dict(c.to_dict(), runtime=None) for c in (self.model_cfg, source.config))
+        differ = sorted(k for k in a if a[k] != b.get(k))
+        if differ:
+            raise ConfigError(f"train.init_from {path!r} holds another architecture (" + ", ".join(
+                f"{k} {b.get(k)!r} vs the run's {a[k]!r}" for k in differ[:4]) + "); set model.* to match it")
+        nnx.update(self.model, nnx.state(source, PERSISTENT))
+
     def apply_precision(self, step: int) -> None:
         """Sets the model's linear layers to the run's precision as of `step` (the forward may have switched
         back to high precision); a change of the layers' matmuls makes the jitted step retrace once."""
         apply_precision(self.model, self.cfg.precision, self.cfg.quant, step=step,
-                        straight_through=self.teacher is not None)
+                        straight_through=bool(self.cfg.qad_teacher))
 
     # ------------------------------------------------------------------ checkpoints
     def _state_tree(self) -> dict:
@@ -333,11 +375,12 @@ class Trainer:
         if saved is not None:
             for what, keys, suffix in (("architecture", None, "2"),
                                        ("precision recipe", ("precision", "quant"), self.cfg.precision),
-                                       ("QAD teacher", ("qad_teacher",), "qad")):
+                                       ("QAD teacher", ("qad_teacher",), "qad"),
+                                       ("distillation", ("distill_teacher", "distill"), "distill")):
                 if keys is None:                      # architecture fields are named without a prefix
                     differ = _differences(saved.get("architecture") or {}, now["architecture"])
                 else:
-                    differ = _differences({k: saved.get(k) for k in keys}, {k: now[k] for k in keys})
+                    differ = _differences({k: saved.get(k) for k in keys}, {k: now.get(k) for k in keys})
                 if differ:
                     raise ConfigError(
                         f"the checkpoints in {self.ckpt_dir} were trained with another {what} ("

@@ -1,0 +1,1 @@
+"""Compression: importance estimation (importance.py) and structured pruning (prune.py)."""
