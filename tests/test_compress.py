@@ -17,7 +17,7 @@ from nemojax.compress.prune import Targets
 from nemojax.config import ConfigError, ModelConfig
 from nemojax.layers.block import run_blocks
 from nemojax.layers.common import Mode
-from nemojax.model import NemotronH
+from nemojax.model import PERSISTENT, NemotronH
 
 TINY = ModelConfig.from_yaml("configs/tiny.yaml")                     # M-M*-M-, Mamba 8 heads in 2 groups
 TINY_MOE = ModelConfig.from_yaml("configs/tiny_moe.yaml")             # ME*EME + MTP '*E', 16 experts
@@ -202,3 +202,39 @@ def test_pruned_model_loads_in_transformers_with_equal_logits(tmp_path):
     ours = np.asarray(pruned(jnp.asarray(ids)))
     ref = hf_logits(theirs, ids)
     assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def test_nemojax_prune_writes_a_pruned_model_reuses_its_scores_and_refuses_bad_targets(tmp_path, capsys):
+    import json
+    import os
+
+    from nemojax.cli import main
+    from nemojax.convert.auto import load_model
+    from nemojax.convert.orbax import save_orbax
+
+    src = str(tmp_path / "src")
+    save_orbax(NemotronH(TINY, nnx.Rngs(8)), src)
+    calib = ["--calib-tokens", "600", "--calib-seq-len", "64", "--calib-batch", "4"]
+    bad = [(["--mamba-num-heads", "3"], "not divisible by n_groups=2"),
+           (["--hidden-size", "512"], "larger than the model's 128"),
+           (["--drop-layers", "7"], "drop 1 to 6"), (["--drop-layers", "x,"], "expected a count")]
+    for args, message in bad:
+        assert main(["prune", src, str(tmp_path / "bad"), *args, *calib]) == 2
+        assert message in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "bad")
+    scores = str(tmp_path / "scores.safetensors")
+    assert main(["prune", src, str(tmp_path / "a"), "--mamba-num-heads", "4", "--intermediate-size", "192",
+                 "--drop-layers", "1", "--scores", scores, *calib]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    pruned = load_model(str(tmp_path / "a"))
+    assert pruned.config.num_layers == 6 and pruned.config.mamba_num_heads == 4
+    assert report["params_after"] < report["params_before"] and len(report["dropped_layers"]) == 1
+    # again from the saved scores (no calibration), as an HF checkpoint: the same weights
+    assert main(["prune", src, str(tmp_path / "b"), "--mamba-num-heads", "4", "--intermediate-size", "192",
+                 "--drop-layers", f"{report['dropped_layers'][0]},", "--scores", scores, "--hf"]) == 0
+    assert "importance scores from" in capsys.readouterr().err
+    again = load_model(str(tmp_path / "b"))
+    theirs = dict(nnx.state(again, PERSISTENT).flat_state())
+    for path, var in nnx.state(pruned, PERSISTENT).flat_state():
+        np.testing.assert_array_equal(np.asarray(theirs[path].get_value()), np.asarray(var.get_value()))
