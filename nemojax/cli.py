@@ -311,6 +311,8 @@ def _cmd_prune(args) -> int:
     from nemojax.train.sources import Documents
 
     src = model_path(args.src)
+    if os.path.isfile(os.path.join(src, PACK_FILE)):
+        raise ValueError(f"{args.src} is a packed 4-bit model; prune its unpacked source instead")
     cfg = model_config(src)
     drop = _drop_layers_arg(args.drop_layers)
     sizes = {name: getattr(args, name) for name in prune.Targets.WIDTHS}
@@ -319,15 +321,23 @@ def _cmd_prune(args) -> int:
     if isinstance(drop, int) and not 0 < drop < cfg.num_layers:
         raise ValueError(f"--drop-layers {drop}: the model has {cfg.num_layers} layers; drop 1 to "
                          f"{cfg.num_layers - 1}")
-    if not any(v is not None for v in sizes.values()) and not drop:
-        raise ValueError("nothing to prune: give a target size (--hidden-size, ...) or --drop-layers")
+    budget = args.param_budget if args.active_param_budget is None else args.active_param_budget
+    if args.search:
+        if budget is None or (args.param_budget is not None and args.active_param_budget is not None):
+            raise ValueError("--search needs one budget: --param-budget F or --active-param-budget F")
+        if not 0 < budget <= 1:
+            raise ValueError(f"the budget must be a fraction in (0, 1], got {budget}")
+        if any(v is not None for v in sizes.values()) or drop:
+            raise ValueError("--search chooses the sizes itself; leave out target sizes and --drop-layers")
+    elif not any(v is not None for v in sizes.values()) and not drop:
+        raise ValueError("nothing to prune: give a target size (--hidden-size, ...), --drop-layers or --search")
     check_writable_target(args.dst, args.force, sources=(src,))
     model = load_model(src)
     scores = None
     if args.scores and os.path.exists(args.scores):
         scores = importance.Scores.load(args.scores, cfg)
         print(f"nemojax prune: importance scores from {args.scores} ({scores.tokens:,} tokens)", file=sys.stderr)
-    needs_depth = isinstance(drop, int) and args.depth_metric != "bi"
+    needs_depth = (isinstance(drop, int) or args.search) and args.depth_metric != "bi"
     if scores is None or (needs_depth and f"depth/{args.depth_metric}" not in scores.stats):
         tok = load_tokenizer(src, cfg.bos_token_id, cfg.stop_token_ids[0] if cfg.stop_token_ids else None,
                              tokenizer=args.tokenizer)
@@ -343,11 +353,25 @@ def _cmd_prune(args) -> int:
             scores.save(args.scores)
     if isinstance(drop, int):
         drop = tuple(sorted(int(i) for i in prune.rank_layers(scores, cfg.num_layers, args.depth_metric)[:drop]))
-    pruned = prune.prune(model, scores, prune.Targets(**sizes, drop_layers=drop))
+    targets = prune.Targets(**sizes, drop_layers=drop)
+    ranked = _prune_search(args, src, scores, budget) if args.search else None
+    if ranked:
+        targets, drop = ranked[0].targets, ranked[0].targets.drop_layers
+    pruned = prune.prune(model, scores, targets)
     if args.hf:
         save_hf(pruned, args.dst, force=args.force, tokenizer_from=src)
     else:
         save_orbax(pruned, args.dst, force=args.force, tokenizer_from=src)
+    if ranked:
+        from nemojax.compress.search import table
+
+        text = table(ranked)
+        with open(os.path.join(args.dst, "search.md"), "w") as f:
+            f.write(f"# nemojax prune --search: {'active ' if args.active_param_budget else ''}parameter budget "
+                    f"{budget} of {args.src}\n\nValidation loss after {args.search_steps} distillation steps "
+                    f"from the parent; rank 1 is the model in this directory (pruned, not yet distilled).\n\n"
+                    + text)
+        print(text, file=sys.stderr)
     before, after = count_params(model), count_params(pruned)
     print(f"pruned {before:,} -> {after:,} parameters ({after / before:.1%}); pattern {pruned.config.pattern!r}"
           f"{f', dropped layers {list(drop)}' if drop else ''}; wrote {args.dst}", file=sys.stderr)
@@ -355,6 +379,25 @@ def _cmd_prune(args) -> int:
     print(json.dumps({"src": args.src, "dst": args.dst, "params_before": before, "params_after": after,
                       "dropped_layers": list(drop), "changed": changed}))
     return 0
+
+
+def _prune_search(args, src: str, scores, budget: float) -> list:
+    """nemojax prune --search: candidates within the budget, each distilled briefly from the parent and ranked."""
+    from nemojax.compress.search import search
+    from nemojax.config import build
+    from nemojax.train.trainer import TrainConfig
+
+    steps = args.search_steps
+    tokenizer = os.path.join(src, "tokenizer.json")
+    data = {"corpus": args.calib, "text_key": args.text_key, "seq_len": args.calib_seq_len,
+            "batch_size": args.calib_batch, "tokenizer": tokenizer if os.path.isfile(tokenizer) else "byte"}
+    train_cfg = build(TrainConfig, {"steps": steps, "eval_every": steps, "save_every": steps, "log_every": steps,
+                                    "eval_batches": 2, "data": data,
+                                    "optim": {"lr": args.search_lr, "warmup_steps": max(1, steps // 10)}},
+                      "prune --search")
+    return search(src, scores, budget, train_cfg, active=args.active_param_budget is not None,
+                  limit=args.search_candidates, depth_metric=args.depth_metric,
+                  log=lambda line: print(f"nemojax prune: {line}", file=sys.stderr))
 
 
 def _cmd_train(args) -> int:
@@ -540,6 +583,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--calib-batch", type=int, default=8, help="windows per calibration forward")
     r.add_argument("--scores", default=None, help="importance scores file: read when it exists (no calibration), "
                    "else written after calibrating")
+    r.add_argument("--search", action="store_true", help="choose the sizes: candidates within the budget, each "
+                   "distilled briefly from the parent, ranked by validation loss (DST/search.md)")
+    r.add_argument("--param-budget", type=float, default=None, help="--search: total parameters, a fraction of the "
+                   "model's")
+    r.add_argument("--active-param-budget", type=float, default=None, help="--search: parameters per token (MoE), "
+                   "a fraction of the model's")
+    r.add_argument("--search-candidates", type=int, default=4, help="--search: candidates distilled (the closest "
+                   "to the budget)")
+    r.add_argument("--search-steps", type=int, default=50, help="--search: distillation steps per candidate")
+    r.add_argument("--search-lr", type=float, default=1e-3, help="--search: peak learning rate of those steps")
     r.add_argument("--tokenizer", default="auto", help="as for generate")
     r.add_argument("--hf", action="store_true", help="write an HF checkpoint (default: a nemojax Orbax dir)")
     r.add_argument("--force", action="store_true", help="replace an existing non-empty DST (only once the new one is "

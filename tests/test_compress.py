@@ -226,7 +226,9 @@ def test_nemojax_prune_writes_a_pruned_model_reuses_its_scores_and_refuses_bad_t
     scores = str(tmp_path / "scores.safetensors")
     assert main(["prune", src, str(tmp_path / "a"), "--mamba-num-heads", "4", "--intermediate-size", "192",
                  "--drop-layers", "1", "--scores", scores, *calib]) == 0
-    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    printed = capsys.readouterr()
+    report = json.loads(printed.out.strip().splitlines()[-1])
+    assert "importance from 512 calibration tokens" in printed.err      # 600 asked: 8 full windows of 64
     pruned = load_model(str(tmp_path / "a"))
     assert pruned.config.num_layers == 6 and pruned.config.mamba_num_heads == 4
     assert report["params_after"] < report["params_before"] and len(report["dropped_layers"]) == 1
@@ -238,3 +240,41 @@ def test_nemojax_prune_writes_a_pruned_model_reuses_its_scores_and_refuses_bad_t
     theirs = dict(nnx.state(again, PERSISTENT).flat_state())
     for path, var in nnx.state(pruned, PERSISTENT).flat_state():
         np.testing.assert_array_equal(np.asarray(theirs[path].get_value()), np.asarray(var.get_value()))
+
+
+def test_search_candidates_lie_within_the_budget_closest_first(moe_scores):
+    from nemojax.compress.search import candidates
+    from nemojax.convert.hf import active_param_count, param_count
+
+    for active in (False, True):
+        count = active_param_count if active else param_count
+        found = candidates(TINY_MOE, moe_scores, 0.6, active=active, band=0.1)
+        assert found, active
+        fractions = [count(c.config) / count(TINY_MOE) for c in found]
+        assert all(0.5 <= f <= 0.6 for f in fractions) and fractions == sorted(fractions, reverse=True)
+        assert all(c.config.mamba_num_heads % 2 == 0 and c.config.n_routed_experts >= 4 for c in found)
+    with pytest.raises(ValueError, match=r"fraction in \(0, 1\]"):
+        candidates(TINY_MOE, moe_scores, 1.5)
+
+
+def test_nemojax_prune_search_ranks_distilled_candidates_and_writes_the_best(tmp_path, capsys):
+    from nemojax.cli import main
+    from nemojax.convert.auto import load_model
+    from nemojax.convert.hf import param_count
+    from nemojax.convert.orbax import save_orbax
+
+    src = str(tmp_path / "src")
+    save_orbax(NemotronH(TINY, nnx.Rngs(9)), src)
+    args = ["prune", src, str(tmp_path / "best"), "--search", "--param-budget", "0.7", "--search-candidates", "2",
+            "--search-steps", "2", "--calib-tokens", "600", "--calib-seq-len", "32", "--calib-batch", "2",
+            "--depth-metric", "bi"]
+    assert main(args) == 0
+    table = open(tmp_path / "best" / "search.md").read()
+    rows = [line for line in table.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
+    assert len(rows) == 2
+    losses = [float(r.split("|")[2]) for r in rows]
+    assert losses == sorted(losses)
+    best = load_model(str(tmp_path / "best"))
+    assert 0.6 <= param_count(best.config) / param_count(TINY) <= 0.7
+    assert main(["prune", src, str(tmp_path / "x"), "--search"]) == 2
+    assert "needs one budget" in capsys.readouterr().err

@@ -46,11 +46,12 @@ PRUNED = ("model.hidden_size=32", "model.intermediate_size=64", "model.mamba_num
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory, corpus):
-    """A teacher (the SMALL model after a few steps) and a pruned copy of it, as model directories."""
+    """A teacher (a random SMALL model: distillation needs no trained one to be checked) and a pruned copy of
+    it, as model directories."""
     root = tmp_path_factory.mktemp("distill")
-    teacher = make(root / "teacher-run", corpus, "train.steps=6", "train.eval_every=100")
-    teacher.run(progress=False)
-    teacher_dir = teacher.export()
+    teacher = make(root / "unused", corpus)
+    teacher_dir = str(root / "teacher")
+    save_orbax(teacher.model, teacher_dir)
     batches = [np.asarray(b) for b in teacher.corpus.validation_batches(2)]
     scores = importance.collect(teacher.model, batches)
     pruned = prune.prune(teacher.model, scores, prune.Targets(hidden_size=32, intermediate_size=64,
@@ -81,13 +82,6 @@ def test_distilling_a_pruned_student_reports_and_lowers_the_kl_to_the_teacher(tm
         kl_only(student.model, student.opt, batch, student.teacher)
     after = numpy_kl(teacher_logits, np.asarray(student.model(batch[:, :-1])))
     assert after < 0.8 * before
-
-
-def test_distillation_runs_end_to_end_and_exports(tmp_path, corpus, dirs):
-    teacher_dir, pruned_dir, _ = dirs
-    history = make(tmp_path, corpus, f"train.distill_teacher={teacher_dir}", f"train.init_from={pruned_dir}", *PRUNED,
-                   "train.steps=4", "train.eval_every=4").run(progress=False)
-    assert "kl_loss" in history[-1] and "total_loss" not in history[-1]
 
 
 def test_bad_distillation_settings_are_one_error_each(tmp_path, corpus, dirs):

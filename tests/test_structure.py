@@ -27,9 +27,10 @@ ALLOWED = {     # part of nemojax -> the parts it may import (besides itself); p
     "model": {"config", "sharding", "layers"},
     "generate": {"config", "layers", "model", "sharding"},
     "speculative": {"config", "layers", "model", "generate", "sharding"},
-    "quant": {"config", "layers", "model", "pallas_kernels"},
+    "quant": {"config", "layers", "model", "pallas_kernels", "compress"},
+    "compress": {"config", "layers", "model", "evaluation", "convert", "train"},   # search.py runs distillations
     "convert": {"config", "model", "quant", "fs", "sharding"},
-    "train": {"config", "sharding", "layers", "model", "quant", "convert", "tokenizer", "fs"},
+    "train": {"config", "sharding", "layers", "model", "quant", "convert", "tokenizer", "fs", "compress"},
     "aot": {"config", "sharding", "model", "generate", "quant", "train", "pallas_kernels"},
     "evaluation": {"model"},
     "chat": {"generate", "model"},

@@ -113,9 +113,9 @@ def architecture(cfg: ModelConfig) -> dict:
 
 def calibration_batches(model_cfg: ModelConfig, texts: Iterable[str], tokenizer, tokens: int, seq_len: int,
                         batch: int) -> list[np.ndarray]:
-    """Batches [batch, seq_len + 1] int32 of consecutive windows over the documents (bos + text + eos, as
-    `nemojax eval` reads a corpus), at least `tokens` tokens in all; a short last batch is dropped unless it is
-    the only one."""
+    """Batches [batch, seq_len + 1] int32 of consecutive windows over the first `tokens` tokens of the documents
+    (bos + text + eos, as `nemojax eval` reads a corpus); a padded last window and a short last batch are dropped
+    unless they are all there is."""
     from nemojax.evaluation import token_stream, windows
 
     if min(tokens, seq_len, batch) < 1:
@@ -125,6 +125,7 @@ def calibration_batches(model_cfg: ModelConfig, texts: Iterable[str], tokenizer,
     if int(stream.max()) >= model_cfg.vocab_size:
         raise ValueError(f"the tokenizer produced id {int(stream.max())}, outside the model's vocabulary of "
                          f"{model_cfg.vocab_size}")
+    stream = stream[:tokens + 1]                                 # whole documents may overshoot by far
     rows, _ = windows(stream, seq_len, model_cfg.pad_token_id or 0)
     if len(rows) > 1 and (len(stream) - 1) % seq_len:
         rows = rows[:-1]                                         # no padded window in the statistics

@@ -211,7 +211,7 @@ class Attention(nnx.Module):
         if mode is Mode.TRAIN:
             out = gqa_attention(q, k, v, key_mask=mask, softcap=self.softcap)
             # head importance: L2 over each head's channels of the o_proj input (Minitron)
-            record(self, "heads", lambda: channel_stat(jnp.linalg.norm(out.astype(F32), axis=-1)))
+            record(self, lambda: {"heads": channel_stat(jnp.linalg.norm(out.astype(F32), axis=-1))})
             return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), None
         pos = 0 if mode is Mode.PREFILL else cache.pos           # a Python 0 keeps the prefill slices static
         new_valid = jnp.ones((b, t), bool) if mask is None else mask.astype(bool)

@@ -49,11 +49,11 @@ class Block(nnx.Module):
         with jax.named_scope(self.scope):
             x = h.astype(self.compute_dtype)
             normed = x if self.norm is None else self.norm(x)
-            record(self, "embed", lambda: channel_stat(normed))          # embedding-channel importance
+            record(self, lambda: {"embed": channel_stat(normed)})           # embedding-channel importance
             y, cache = self.mixer(normed, mask=mask, cache=cache, mode=mode)
             out = h.astype(self.residual_dtype) + y.astype(self.residual_dtype)
-            record(self, "cosine", lambda: _cosine_sum(h, out))        # block importance 1 - mean cos(in, out)
-            record(self, "tokens", lambda: jnp.float32(h.shape[0] * h.shape[1]))
+            # block importance: 1 - mean cos(in, out) over the positions seen
+            record(self, lambda: {"cosine": _cosine_sum(h, out), "tokens": jnp.float32(h.shape[0] * h.shape[1])})
             return out, cache
 
 

@@ -70,11 +70,12 @@ class Importance(nnx.Variable):
     no extra work and models hold no such variables."""
 
 
-def record(module: nnx.Module, name: str, stat) -> None:
-    """While nnx.capture(Importance) runs the forward, adds stat() (an fp32 array, computed only then) to the
-    module's captured value `name`."""
+def record(module: nnx.Module, stats) -> None:
+    """While nnx.capture(Importance) runs the forward, adds each array of stats() ({name: fp32 array}, computed
+    only then) to the module's captured value of that name."""
     if any(type(v) is Importance for v in getattr(module, "__captures__", ())):
-        module.sow(Importance, name, stat(), init_fn=lambda: 0, reduce_fn=operator.add)
+        for name, value in stats().items():
+            module.sow(Importance, name, value, init_fn=lambda: 0, reduce_fn=operator.add)
 
 
 def channel_stat(a: jax.Array) -> jax.Array:

@@ -144,7 +144,7 @@ class Mamba2Mixer(nnx.Module):
         convs = (self.conv_x, self.conv_B, self.conv_C)
         inputs = (self.in_proj_x(x), self.in_proj_B(x), self.in_proj_C(x))
         # head and head-dim channel importance (Minitron-SSM: the x part of the input projection)
-        record(self, "x", lambda: channel_stat(inputs[0].reshape(b, t, h, p)))
+        record(self, lambda: {"x": channel_stat(inputs[0].reshape(b, t, h, p))})
         fresh = cache is None or mode is Mode.PREFILL              # PREFILL starts from zero whatever the cache held
         prefixes = (None,) * 3 if fresh else (cache.conv_x, cache.conv_B, cache.conv_C)
         convolved = [conv(a, prefix) for conv, a, prefix in zip(convs, inputs, prefixes)]  # (out, new prefix)

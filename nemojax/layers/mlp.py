@@ -30,7 +30,7 @@ class MLP(nnx.Module):
     def ffn(self, x: jax.Array) -> jax.Array:
         a = relu2(self.up_proj(x))
         if a.ndim == 3:                          # [batch, seq, F]; MoE's shared expert sees flat tokens
-            record(self, "neurons", lambda: channel_stat(a))
+            record(self, lambda: {"neurons": channel_stat(a)})
         return self.down_proj(a)
 
     def __call__(self, x: jax.Array, *, mask: Optional[jax.Array] = None, cache=None, mode: Mode = Mode.TRAIN):

@@ -141,16 +141,17 @@ def experts_gmm(x, up, down, routing: Routing) -> jax.Array:
     return jnp.zeros((x.shape[0], down.shape[-1]), F32).at[token].add(jnp.where(valid[:, None], y, 0.0))
 
 
-def expert_stats(x, up, down, routing: Routing) -> tuple[jax.Array, jax.Array]:
-    """Importance statistics of the routed experts for tokens x [t, width]: (sum over each expert's assignments
-    of routing weight * ||expert output|| [experts], sum of |activation| of each expert's neurons [experts, I])."""
+def expert_stats(x, up, down, routing: Routing) -> dict:
+    """Importance statistics of the routed experts for tokens x [t, width]: expert_load [experts] (assignments),
+    expert_output [experts] (sum over each expert's assignments of routing weight * ||expert output||) and
+    expert_neurons [experts, I] (sum of |activation| of each expert's neurons)."""
     token, expert, weight, valid, counts = _sorted_assignments(routing, up.shape[0])
     a = relu2(jax.lax.ragged_dot(x[token], up, counts)).astype(F32)
     y = jax.lax.ragged_dot(a.astype(x.dtype), down, counts).astype(F32)
     e = up.shape[0]
     out = jnp.zeros((e,), F32).at[expert].add(jnp.where(valid, weight * jnp.linalg.norm(y, axis=-1), 0.0))
     neurons = jnp.zeros((e, a.shape[-1]), F32).at[expert].add(jnp.where(valid[:, None], jnp.abs(a), 0.0))
-    return out, neurons
+    return {"expert_load": counts.astype(F32), "expert_output": out, "expert_neurons": neurons}
 
 
 def capacity_for(tokens: int, k: int, experts: int, capacity_factor: Optional[float]) -> int:
@@ -264,10 +265,7 @@ class MoE(nnx.Module):
         h = flat if self.fc1_latent_proj is None else self.fc1_latent_proj(flat)
         up, down = self.up_proj[...].astype(compute), self.down_proj[...].astype(compute)
         # expert importance (calibration only): routed load, routing-weighted output norm, per-expert neurons
-        record(self, "expert_load", lambda: jnp.zeros((cfg.n_routed_experts,), F32).at[
-            routing.experts.reshape(-1)].add(1.0))
-        record(self, "expert_output", lambda: expert_stats(h, up, down, routing)[0])
-        record(self, "expert_neurons", lambda: expert_stats(h, up, down, routing)[1])
+        record(self, lambda: expert_stats(h, up, down, routing))
         experts = {"dense": experts_dense, "ragged": experts_ragged, "gmm": experts_gmm,
                    "capacity": lambda *a: experts_capacity(*a, cfg.runtime.moe_capacity_factor)}
         # fp32 accumulation, cast before fc2 (as HF)
