@@ -304,6 +304,7 @@ def _cmd_prune(args) -> int:
     import json
 
     from nemojax.compress import importance, prune
+    from nemojax.compress.search import check_budget
     from nemojax.convert.auto import model_config
     from nemojax.convert.hf import save_hf
     from nemojax.convert.orbax import save_orbax
@@ -325,8 +326,7 @@ def _cmd_prune(args) -> int:
     if args.search:
         if budget is None or (args.param_budget is not None and args.active_param_budget is not None):
             raise ValueError("--search needs one budget: --param-budget F or --active-param-budget F")
-        if not 0 < budget <= 1:
-            raise ValueError(f"the budget must be a fraction in (0, 1], got {budget}")
+        check_budget(budget)
         if any(v is not None for v in sizes.values()) or drop:
             raise ValueError("--search chooses the sizes itself; leave out target sizes and --drop-layers")
     elif not any(v is not None for v in sizes.values()) and not drop:
@@ -354,7 +354,7 @@ def _cmd_prune(args) -> int:
     if isinstance(drop, int):
         drop = tuple(sorted(int(i) for i in prune.rank_layers(scores, cfg.num_layers, args.depth_metric)[:drop]))
     targets = prune.Targets(**sizes, drop_layers=drop)
-    ranked = _prune_search(args, src, scores, budget) if args.search else None
+    ranked = _prune_search(args, model, src, scores, budget) if args.search else None
     if ranked:
         targets, drop = ranked[0].targets, ranked[0].targets.drop_layers
     pruned = prune.prune(model, scores, targets)
@@ -381,7 +381,7 @@ def _cmd_prune(args) -> int:
     return 0
 
 
-def _prune_search(args, src: str, scores, budget: float) -> list:
+def _prune_search(args, model, src: str, scores, budget: float) -> list:
     """nemojax prune --search: candidates within the budget, each distilled briefly from the parent and ranked."""
     from nemojax.compress.search import search
     from nemojax.config import build
@@ -395,7 +395,7 @@ def _prune_search(args, src: str, scores, budget: float) -> list:
                                     "eval_batches": 2, "data": data,
                                     "optim": {"lr": args.search_lr, "warmup_steps": max(1, steps // 10)}},
                       "prune --search")
-    return search(src, scores, budget, train_cfg, active=args.active_param_budget is not None,
+    return search(model, src, scores, budget, train_cfg, active=args.active_param_budget is not None,
                   limit=args.search_candidates, depth_metric=args.depth_metric,
                   log=lambda line: print(f"nemojax prune: {line}", file=sys.stderr))
 

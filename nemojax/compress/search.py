@@ -46,12 +46,16 @@ def _sizes(full: int, multiple: int = 1, floor: int = 1) -> list[int]:
     return out
 
 
+def check_budget(budget: float) -> None:
+    if not 0 < budget <= 1:
+        raise ValueError(f"the budget must be a fraction in (0, 1], got {budget}")
+
+
 def candidates(cfg: ModelConfig, scores: Scores, budget: float, active: bool = False, band: float = 0.1,
                max_drop: float = 0.25, depth_metric: str = "bi") -> list[Candidate]:
     """Every combination whose (active) parameter count is within [budget - band, budget] of the parent's, the
     closest to the budget first. budget is a fraction in (0, 1]."""
-    if not 0 < budget <= 1:
-        raise ValueError(f"the budget must be a fraction in (0, 1], got {budget}")
+    check_budget(budget)
     count = active_param_count if active else param_count
     full = count(cfg)
     kinds = cfg.pattern
@@ -76,30 +80,27 @@ def candidates(cfg: ModelConfig, scores: Scores, budget: float, active: bool = F
     return sorted(out, key=lambda c: -(c.active_params if active else c.params))
 
 
-def distilled_loss(parent_dir: str, scores: Scores, candidate: Candidate, train_cfg, work_dir: str) -> float:
-    """The candidate pruned from the parent, distilled from it (train.distill_teacher) under `train_cfg` (a
-    TrainConfig: steps, data, optimizer), and its final validation loss."""
+def distilled_loss(parent, parent_dir: str, scores: Scores, candidate: Candidate, train_cfg, work_dir: str) -> float:
+    """The candidate pruned from the parent (the model loaded from parent_dir), distilled from it
+    (train.distill_teacher) under `train_cfg` (a TrainConfig: steps, data, optimizer); its final validation loss."""
     from nemojax.compress.prune import prune
-    from nemojax.convert.auto import load_model
     from nemojax.convert.orbax import save_orbax
     from nemojax.train.trainer import Trainer
 
     student_dir = os.path.join(work_dir, "student")
-    save_orbax(prune(load_model(parent_dir), scores, candidate.targets), student_dir)
+    save_orbax(prune(parent, scores, candidate.targets), student_dir)
     cfg = dataclasses.replace(train_cfg, distill_teacher=os.path.abspath(parent_dir), init_from=student_dir,
                               ckpt_dir=os.path.join(work_dir, "run"))
     history = Trainer(candidate.config, cfg).run(progress=False)
     return float(next(r["val_loss"] for r in reversed(history) if "val_loss" in r))
 
 
-def search(parent_dir: str, scores: Scores, budget: float, train_cfg, active: bool = False,
+def search(parent, parent_dir: str, scores: Scores, budget: float, train_cfg, active: bool = False,
            limit: int = 4, band: float = 0.1, depth_metric: str = "bi",
            log: Callable[[str], None] = lambda _: None) -> list[Candidate]:
     """Scores the first `limit` candidates (closest to the budget) by distilled validation loss; returns them
     ranked, best first."""
-    from nemojax.convert.auto import model_config
-
-    cfg = model_config(parent_dir)
+    cfg = parent.config
     found = candidates(cfg, scores, budget, active, band, depth_metric=depth_metric)
     if not found:
         raise ValueError(f"no candidate architecture has {'active ' if active else ''}parameters within "
@@ -107,7 +108,7 @@ def search(parent_dir: str, scores: Scores, budget: float, train_cfg, active: bo
     ranked = []
     for i, cand in enumerate(found[:limit]):
         with tempfile.TemporaryDirectory(prefix="nemojax-search-") as work:
-            loss = distilled_loss(parent_dir, scores, cand, train_cfg, work)
+            loss = distilled_loss(parent, parent_dir, scores, cand, train_cfg, work)
         ranked.append(dataclasses.replace(cand, loss=loss))
         log(f"candidate {i + 1}/{min(limit, len(found))}: {cand.row()} -> loss {loss:.4f}")
     return sorted(ranked, key=lambda c: c.loss)
