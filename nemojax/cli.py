@@ -1,5 +1,6 @@
 """Command line: `nemojax train`, `nemojax generate`, `nemojax chat`, `nemojax eval`,
-`nemojax convert hf-to-orbax|orbax-to-hf SRC DST`, `nemojax pack`, `nemojax prune`, `nemojax compile` (TPU plans),
+`nemojax convert hf-to-orbax|orbax-to-hf SRC DST`, `nemojax pack`, `nemojax prune`, `nemojax elastic train|extract`,
+`nemojax compile` (TPU plans),
 `nemojax info`, `nemojax demo`. The training stack is imported only by `train` (and `compile`)."""
 
 from __future__ import annotations
@@ -309,7 +310,6 @@ def _cmd_prune(args) -> int:
     from nemojax.convert.hf import save_hf
     from nemojax.convert.orbax import save_orbax
     from nemojax.fs import model_path
-    from nemojax.train.sources import Documents
 
     src = model_path(args.src)
     if os.path.isfile(os.path.join(src, PACK_FILE)):
@@ -339,11 +339,7 @@ def _cmd_prune(args) -> int:
         print(f"nemojax prune: importance scores from {args.scores} ({scores.tokens:,} tokens)", file=sys.stderr)
     needs_depth = (isinstance(drop, int) or args.search) and args.depth_metric != "bi"
     if scores is None or (needs_depth and f"depth/{args.depth_metric}" not in scores.stats):
-        tok = load_tokenizer(src, cfg.bos_token_id, cfg.stop_token_ids[0] if cfg.stop_token_ids else None,
-                             tokenizer=args.tokenizer)
-        docs = Documents(args.calib, args.text_key)
-        batches = importance.calibration_batches(cfg, (docs[i] for i in range(len(docs))), tok, args.calib_tokens,
-                                                 args.calib_seq_len, args.calib_batch)
+        batches = _calibration(args, src, cfg, args.calib_tokens)
         if scores is None:
             scores = importance.collect(model, batches)
         if needs_depth:
@@ -379,6 +375,91 @@ def _cmd_prune(args) -> int:
     print(json.dumps({"src": args.src, "dst": args.dst, "params_before": before, "params_after": after,
                       "dropped_layers": list(drop), "changed": changed}))
     return 0
+
+
+def _calibration(args, src: str, cfg: ModelConfig, tokens: int) -> list:
+    """Batches [calib_batch, calib_seq_len + 1] of the first `tokens` tokens of --calib (tokenized as the model)."""
+    from nemojax.compress import importance
+    from nemojax.train.sources import Documents
+
+    tok = load_tokenizer(src, cfg.bos_token_id, cfg.stop_token_ids[0] if cfg.stop_token_ids else None,
+                         tokenizer=args.tokenizer)
+    docs = Documents(args.calib, args.text_key)
+    return importance.calibration_batches(cfg, (docs[i] for i in range(len(docs))), tok, tokens,
+                                          args.calib_seq_len, args.calib_batch)
+
+
+def _cmd_elastic_train(args) -> int:
+    """Nemotron Elastic: importance (and layer ranking), sort, joint training of every budget; the last line is
+    JSON with each budget's chosen sizes and parameters."""
+    import json
+
+    from nemojax.compress import elastic, importance
+    from nemojax.convert.auto import model_config
+    from nemojax.fs import model_path
+
+    src = model_path(args.src)
+    if os.path.isfile(os.path.join(src, PACK_FILE)):
+        raise ValueError(f"{args.src} is a packed 4-bit model; train elastic from its unpacked source instead")
+    cfg = model_config(src)
+    ec = elastic.ElasticConfig(budgets=_floats(args.budgets, "--budgets"), max_skip=args.max_skip,
+                               learning_rate=args.lr, router_learning_rate=args.router_lr)
+    elastic.check_model(cfg)
+    elastic.choices(cfg, ec)
+    check_writable_target(args.dst, args.force, sources=(src,))
+    model = load_model(src)
+    calib = _calibration(args, src, cfg, args.calib_tokens)
+    scores = importance.collect(model, calib)
+    if ec.max_skip:
+        scores.stats.update(importance.depth_scores(model, calib))
+    run = elastic.start(model, scores, ec, seed=args.seed)
+    data = _calibration(args, src, cfg, args.calib_tokens + args.tokens)[len(calib):] or calib
+
+    def log(row):
+        if row["step"] % max(1, args.steps // 10) == 0 or row["step"] == args.steps:
+            print(" ".join(f"{k} {v:.4g}" for k, v in row.items()), file=sys.stderr)
+
+    elastic.train(run, data, args.steps, seed=args.seed, log=log)
+    run.save(args.dst, force=args.force, tokenizer_from=src)
+    out = {}
+    for budget in ec.budgets:
+        chosen = run.chosen(budget)
+        out[f"{budget:g}"] = {"sizes": chosen, "params": elastic.expected_params(run, chosen)}
+    print(f"wrote the elastic run {args.dst}; extract a budget with `nemojax elastic extract {args.dst} OUT "
+          f"--budget B`", file=sys.stderr)
+    print(json.dumps({"src": args.src, "dst": args.dst, "params": count_params(run.model), "budgets": out}))
+    return 0
+
+
+def _cmd_elastic_extract(args) -> int:
+    """The submodel the run's router picks for --budget, as a standalone model directory; last line JSON."""
+    import json
+
+    from nemojax.compress.elastic import ElasticRun
+    from nemojax.convert.hf import save_hf
+    from nemojax.convert.orbax import save_orbax
+
+    check_writable_target(args.dst, args.force, sources=(args.run,))
+    run = ElasticRun.load(args.run)
+    chosen = run.chosen(args.budget)
+    sub = run.extract_sizes(chosen)
+    if args.hf:
+        save_hf(sub, args.dst, force=args.force, tokenizer_from=args.run)
+    else:
+        save_orbax(sub, args.dst, force=args.force, tokenizer_from=args.run)
+    before, after = count_params(run.model), count_params(sub)
+    print(f"extracted {after:,} of {before:,} parameters ({after / before:.1%}) for budget {args.budget:g}: "
+          f"{chosen}; wrote {args.dst}", file=sys.stderr)
+    print(json.dumps({"run": args.run, "dst": args.dst, "budget": args.budget, "sizes": chosen,
+                      "params": after, "params_parent": before}))
+    return 0
+
+
+def _floats(text: str, what: str) -> tuple:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"{what} {text!r}: expected comma-separated numbers, e.g. 1,0.75,0.5") from None
 
 
 def _prune_search(args, model, src: str, scores, budget: float) -> list:
@@ -598,6 +679,38 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="replace an existing non-empty DST (only once the new one is "
                    "complete)")
     r.set_defaults(func=_cmd_prune)
+
+    e = sub.add_parser("elastic", help="Nemotron Elastic: train nested submodels of one parent, extract one")
+    es = e.add_subparsers(dest="elastic_command", required=True, help="train or extract",
+                          parser_class=functools.partial(argparse.ArgumentParser, formatter_class=_Help))
+    et = es.add_parser("train", help="sort the parent by importance and train every budget's submodel jointly")
+    et.add_argument("src", help="the parent: HF checkpoint dir, nemojax model dir, or a cached Hub id")
+    et.add_argument("dst", help="the elastic run directory to write")
+    et.add_argument("--budgets", default="1,0.75,0.5", help="parameter budgets, fractions of the parent in (0, 1]")
+    et.add_argument("--max-skip", type=int, default=0, help="layers a submodel may skip (normalized-MSE ranking)")
+    et.add_argument("--steps", type=int, default=200, help="training steps (every budget in every step)")
+    et.add_argument("--tokens", type=int, default=262144, help="training tokens read from --calib after the "
+                    "calibration tokens (cycled)")
+    et.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the model")
+    et.add_argument("--router-lr", type=float, default=5e-2, help="Adam learning rate of the router")
+    et.add_argument("--seed", type=int, default=0, help="router init and Gumbel noise")
+    et.add_argument("--calib", default="stdlib", help="corpus for importance and training (as train.data.corpus)")
+    et.add_argument("--text-key", default="text", help="the text field of JSONL / Parquet / ArrayRecord records")
+    et.add_argument("--calib-tokens", type=int, default=65536, help="calibration tokens")
+    et.add_argument("--calib-seq-len", type=int, default=512, help="tokens per window")
+    et.add_argument("--calib-batch", type=int, default=8, help="windows per batch")
+    et.add_argument("--tokenizer", default="auto", help="as for generate")
+    et.add_argument("--force", action="store_true", help="replace an existing non-empty DST (only once the new one "
+                    "is complete)")
+    et.set_defaults(func=_cmd_elastic_train)
+    ex = es.add_parser("extract", help="write the submodel the router picks for a budget as a standalone model")
+    ex.add_argument("run", help="an elastic run directory (nemojax elastic train)")
+    ex.add_argument("dst", help="the model directory to write")
+    ex.add_argument("--budget", type=float, required=True, help="one of the run's budgets")
+    ex.add_argument("--hf", action="store_true", help="write an HF checkpoint (default: a nemojax Orbax dir)")
+    ex.add_argument("--force", action="store_true", help="replace an existing non-empty DST (only once the new one "
+                    "is complete)")
+    ex.set_defaults(func=_cmd_elastic_extract)
 
     d = sub.add_parser("demo", help="forward pass of a randomly initialised model")
     d.add_argument("--config", default="tiny", help=CONFIG_HELP)

@@ -17,7 +17,7 @@ from flax import nnx
 
 from nemojax.config import ModelConfig
 from nemojax.layers.block import RESIDUAL, Block, run_blocks
-from nemojax.layers.common import Mode, linear
+from nemojax.layers.common import Mode, linear, mask_value
 from nemojax.layers.moe import ExpertBias
 from nemojax.layers.mtp import MTPBlock
 from nemojax.layers.norm import RMSNorm
@@ -47,6 +47,7 @@ class NemotronH(nnx.Module):
                         linear(cfg, cfg.hidden_size, cfg.vocab_size, rngs, ("embed", "vocab")))
         self.mtp = (nnx.List([MTPBlock(cfg, rngs, j) for j in range(cfg.num_nextn_predict_layers)])
                     if cfg.num_nextn_predict_layers else None)
+        self.embed_mask = nnx.data(None)         # optional [hidden] 0/1 elastic mask (compress/elastic.py)
 
     def init_cache(self, batch: int, max_len: int) -> tuple:
         """Empty per-block inference caches for `batch` rows of up to `max_len` positions."""
@@ -62,9 +63,12 @@ class NemotronH(nnx.Module):
             raise ValueError(f"mode {mode.name} {'needs' if cache is None else 'takes no'} cache")
         with jax.named_scope("embeddings"):
             h = constrain(self.embeddings(input_ids), RESIDUAL)
+        keep = mask_value(self.embed_mask, jnp.float32)
+        if keep is not None:
+            h = h * keep.astype(h.dtype)
         h, cache = run_blocks(self.layers, h, mask=mask, caches=cache, mode=mode,
                               remat=self.config.runtime.remat, scan=self.config.runtime.scan_layers)
-        return self.norm_f(h.astype(self.config.compute_dtype)), cache
+        return self.norm_f(h.astype(self.config.compute_dtype), keep), cache
 
     def logits(self, h: jax.Array) -> jax.Array:
         with jax.named_scope("lm_head"):

@@ -72,7 +72,7 @@ def test_version_and_every_option_shows_its_default(capsys):
     assert e.value.code == 0 and capsys.readouterr().out.startswith("nemojax ")
     parser = build_parser()
     for name, sub in parser._subparsers._group_actions[0].choices.items():
-        text = sub.format_help()
+        text = " ".join(sub.format_help().split())                   # help wraps with the terminal's width
         for action in sub._actions:
             assert action.help, (name, action.dest)                   # every option and argument is described
             if action.option_strings and action.default not in (None, False, "==SUPPRESS==") and not action.required:

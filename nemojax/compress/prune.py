@@ -139,36 +139,39 @@ def _flat(units: np.ndarray, width: int, inner: Optional[np.ndarray] = None) -> 
     return (units[:, None] * width + inner[None, :]).reshape(-1)
 
 
-def layer_selection(kind: str, unit: tuple, cfg: ModelConfig, new: ModelConfig, scores: Scores) -> Selection:
+def layer_selection(kind: str, unit: tuple, cfg: ModelConfig, new: ModelConfig, scores: Scores,
+                    sort: bool = False) -> Selection:
+    """The layer's kept indices per axis; with sort, also for axes kept whole (in importance order)."""
     sel: Selection = {}
-    if kind == "-" and new.intermediate_size != cfg.intermediate_size:
+    if kind == "-" and (sort or new.intermediate_size != cfg.intermediate_size):
         sel[("mlp", cfg.intermediate_size)] = _top(np.sqrt(scores.get(unit, "neurons")), new.intermediate_size)
-    elif kind == "*" and (new.num_attention_heads, new.num_key_value_heads) != (cfg.num_attention_heads,
-                                                                               cfg.num_key_value_heads):
+    elif kind == "*" and (sort or (new.num_attention_heads, new.num_key_value_heads) != (
+            cfg.num_attention_heads, cfg.num_key_value_heads)):
         groups, heads = attention_selection(np.sqrt(scores.get(unit, "heads")), cfg.num_key_value_heads,
                                             new.num_key_value_heads, new.num_attention_heads)
         sel[("heads", cfg.num_attention_heads * cfg.head_dim)] = _flat(heads, cfg.head_dim)
         sel[("kv_heads", cfg.num_key_value_heads * cfg.head_dim)] = _flat(groups, cfg.head_dim)
-    elif kind == "M" and (new.mamba_num_heads, new.mamba_head_dim) != (cfg.mamba_num_heads, cfg.mamba_head_dim):
+    elif kind == "M" and (sort or (new.mamba_num_heads, new.mamba_head_dim) != (cfg.mamba_num_heads,
+                                                                                 cfg.mamba_head_dim)):
         heads, channels = mamba_selection(np.sqrt(scores.get(unit, "x")), cfg.n_groups, new.mamba_num_heads,
                                           new.mamba_head_dim)
         sel[("mamba_heads", cfg.mamba_num_heads)] = heads
         sel[("mamba_heads", cfg.mamba_inner)] = _flat(heads, cfg.mamba_head_dim, channels)
     elif kind == "E":
         experts = np.arange(cfg.n_routed_experts)
-        if new.n_routed_experts != cfg.n_routed_experts:
+        if sort or new.n_routed_experts != cfg.n_routed_experts:
             experts = _top_per_group(scores.get(unit, "expert_output"), cfg.n_group,
                                      new.n_routed_experts // cfg.n_group)
             sel[("experts", cfg.n_routed_experts)] = sel[("router", cfg.n_routed_experts)] = experts
-        if new.moe_intermediate_size != cfg.moe_intermediate_size:
+        if sort or new.moe_intermediate_size != cfg.moe_intermediate_size:
             neurons = scores.get(unit, "expert_neurons")[experts]
             sel[("expert_mlp", cfg.moe_intermediate_size)] = np.stack([_top(n, new.moe_intermediate_size)
                                                                        for n in neurons])
     return sel
 
 
-def embed_selection(cfg: ModelConfig, new: ModelConfig, scores: Scores) -> Selection:
-    if new.hidden_size == cfg.hidden_size:
+def embed_selection(cfg: ModelConfig, new: ModelConfig, scores: Scores, sort: bool = False) -> Selection:
+    if new.hidden_size == cfg.hidden_size and not sort:
         return {}
     d = cfg.hidden_size
     keep = _top(scores.embed(), new.hidden_size)
@@ -201,14 +204,16 @@ def _kind(cfg: ModelConfig, unit: tuple) -> str:
     return (cfg.pattern if unit[0] == "layers" else cfg.mtp_pattern)[unit[-1]]
 
 
-def prune(model: NemotronH, scores: Optional[Scores], targets: Targets) -> NemotronH:
+def prune(model: NemotronH, scores: Optional[Scores], targets: Targets, sort: bool = False) -> NemotronH:
     """A new model pruned to `targets` by `scores` (importance.collect on this model; None only for depth
-    pruning alone): every parameter sliced along its logical axes (module docstring), dropped layers removed."""
+    pruning alone): every parameter sliced along its logical axes (module docstring), dropped layers removed.
+    With sort, axes kept whole are permuted into importance order too (the same function, every prefix the
+    most important units: Nemotron Elastic's starting point)."""
     cfg = model.config
     new = pruned_config(cfg, targets)
-    if targets.sizes() and scores is None:
+    if (targets.sizes() or sort) and scores is None:
         raise ValueError("width pruning needs importance scores (compress.importance.collect)")
-    global_sel = embed_selection(cfg, new, scores) if scores is not None else {}
+    global_sel = embed_selection(cfg, new, scores, sort) if scores is not None else {}
     drop = set(targets.drop_layers)
     renumber = {old: i for i, old in enumerate(j for j in range(cfg.num_layers) if j not in drop)}
     selections: dict[tuple, Selection] = {}
@@ -220,9 +225,9 @@ def prune(model: NemotronH, scores: Optional[Scores], targets: Targets) -> Nemot
         value = np.asarray(var.get_value())
         unit = _unit(path)
         sel = global_sel
-        if unit is not None and scores is not None and targets.sizes():
+        if unit is not None and scores is not None and (targets.sizes() or sort):
             if unit not in selections:
-                selections[unit] = layer_selection(_kind(cfg, unit), unit, cfg, new, scores)
+                selections[unit] = layer_selection(_kind(cfg, unit), unit, cfg, new, scores, sort)
             sel = {**global_sel, **selections[unit]}
         if axes is not None:
             value = _slice(value, axes, sel)
@@ -235,6 +240,36 @@ def prune(model: NemotronH, scores: Optional[Scores], targets: Targets) -> Nemot
     if wrong:
         raise AssertionError(f"pruning produced wrong shapes, e.g. {wrong[0]}")
     return materialize(graphdef, state, values)
+
+
+def sort_by_importance(model: NemotronH, scores: Scores) -> NemotronH:
+    """The same model with every prunable axis in importance order (prune with sort, nothing removed)."""
+    return prune(model, scores, Targets(), sort=True)
+
+
+def prefix_scores(cfg: ModelConfig) -> Scores:
+    """Scores that rank every unit by its index, first most important: pruning by them keeps prefixes (of each
+    group where pruning is per group), which is how a model already in importance order is cut down."""
+    from nemojax.compress.importance import architecture
+
+    def desc(n):
+        return np.arange(n, 0, -1, dtype=np.float64)
+
+    stats = {"layers/0/embed": desc(cfg.hidden_size) ** 2}
+    if cfg.num_nextn_predict_layers:
+        raise ValueError("prefix scores cover the main model's layers; this model has an MTP head")
+    for i, kind in enumerate(cfg.pattern):
+        key = f"layers/{i}/mixer"
+        if kind == "-":
+            stats[f"{key}/neurons"] = desc(cfg.intermediate_size) ** 2
+        elif kind == "*":
+            stats[f"{key}/heads"] = desc(cfg.num_attention_heads) ** 2
+        elif kind == "M":
+            stats[f"{key}/x"] = np.outer(desc(cfg.mamba_num_heads), desc(cfg.mamba_head_dim)) ** 2
+        elif kind == "E":
+            stats[f"{key}/expert_output"] = desc(cfg.n_routed_experts)
+            stats[f"{key}/expert_neurons"] = np.tile(desc(cfg.moe_intermediate_size), (cfg.n_routed_experts, 1))
+    return Scores(stats, 0, architecture(cfg))
 
 
 def drop_layers(model: NemotronH, layers: Sequence[int]) -> NemotronH:

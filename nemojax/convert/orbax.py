@@ -32,11 +32,11 @@ PARAMS_DIR = "params"
 
 
 def save_orbax(model: NemotronH, directory: str, force: bool = False, variables=PERSISTENT,
-               tokenizer_from: Optional[str] = None, pack_spec=None) -> None:
+               tokenizer_from: Optional[str] = None, pack_spec=None, extra=None) -> None:
     """Writes the model's `variables` (default: parameters and MoE bias), its config, the tokenizer files of
     `tokenizer_from` and a pack spec (packed models) as the directory `directory`, through a temporary sibling
     swapped in when complete (nemojax.fs): a failure leaves an existing directory as it was, and a non-empty one
-    is replaced only with force."""
+    is replaced only with force. extra(tmp), if given, writes further files into the new directory."""
     import orbax.checkpoint as ocp
 
     with replace_directory(directory, force, sources=(tokenizer_from,) if tokenizer_from else ()) as tmp:
@@ -53,6 +53,8 @@ def save_orbax(model: NemotronH, directory: str, force: bool = False, variables=
                 json.dump(dataclasses.asdict(pack_spec), f, indent=2)
         if tokenizer_from:
             copy_tokenizer_files(tokenizer_from, tmp)
+        if extra is not None:
+            extra(tmp)
 
 
 def read_config(directory: str) -> ModelConfig:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nemojax.config import LAYER_KINDS, ModelConfig
-from nemojax.layers.common import Mode, channel_stat, record, uid_shift
+from nemojax.layers.common import Mode, channel_stat, mask_value, record, uid_shift
 from nemojax.layers.norm import RMSNorm
 from nemojax.sharding import constrain
 
@@ -43,14 +43,23 @@ class Block(nnx.Module):
         self.compute_dtype = cfg.compute_dtype
         # HF keeps the residual stream in the activation dtype; residual_in_fp32 (NVIDIA's option) keeps fp32.
         self.residual_dtype = jnp.float32 if cfg.residual_in_fp32 else self.compute_dtype
+        # optional elastic masks (compress/elastic.py): embedding channels [hidden] and the layer itself [] (0:
+        # skipped, the block passes h through)
+        self.embed_mask = nnx.data(None)
+        self.layer_mask = nnx.data(None)
 
     def __call__(self, h: jax.Array, *, mask: Optional[jax.Array] = None, cache=None, mode: Mode = Mode.TRAIN):
         """Returns (h', the mixer's new cache); the mixer gets the same arguments whatever its kind."""
         with jax.named_scope(self.scope):
             x = h.astype(self.compute_dtype)
-            normed = x if self.norm is None else self.norm(x)
+            keep = mask_value(self.embed_mask, jnp.float32)
+            normed = x if self.norm is None else self.norm(x, keep)
             record(self, lambda: {"embed": channel_stat(normed)})           # embedding-channel importance
             y, cache = self.mixer(normed, mask=mask, cache=cache, mode=mode)
+            if keep is not None:
+                y = y * keep.astype(y.dtype)
+            if self.layer_mask is not None:
+                y = y * mask_value(self.layer_mask, y.dtype)
             out = h.astype(self.residual_dtype) + y.astype(self.residual_dtype)
             # block importance: 1 - mean cos(in, out) over the positions seen
             record(self, lambda: {"cosine": _cosine_sum(h, out), "tokens": jnp.float32(h.shape[0] * h.shape[1])})

@@ -17,6 +17,7 @@ import enum
 import functools
 import math
 import operator
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +84,12 @@ def channel_stat(a: jax.Array) -> jax.Array:
     squared mean |a| over the sequence (the importance score is the square root of its sum over calibration
     batches: mean over sequence, L2 over batch)."""
     return jnp.sum(jnp.mean(jnp.abs(a.astype(jnp.float32)), axis=1) ** 2, axis=0)
+
+
+def mask_value(mask, dtype) -> Optional[jax.Array]:
+    """The array of an optional elastic mask attribute (an nnx.Variable set by compress/elastic.py, or None)
+    in `dtype`. A mask of 0/1 makes the layer compute what the layer with the 0 units pruned computes."""
+    return None if mask is None else mask[...].astype(dtype)
 
 
 def param(value: jax.Array, axes: tuple) -> nnx.Param:

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nemojax.config import ModelConfig
-from nemojax.layers.common import Mode, linear, output_init_std, param, record
+from nemojax.layers.common import Mode, linear, mask_value, output_init_std, param, record
 from nemojax.layers.mlp import MLP, relu2
 from nemojax.sharding import logical_to_spec
 
@@ -58,11 +58,16 @@ class Routing(NamedTuple):
     valid: Optional[jax.Array] = None   # [tokens, k] bool: assignments this shard computes (None: all)
 
 
-def route(x: jax.Array, gate_weight: jax.Array, bias: jax.Array, cfg: ModelConfig) -> Routing:
-    """x [tokens, hidden]; gate_weight [hidden, experts]; bias [experts]."""
+def route(x: jax.Array, gate_weight: jax.Array, bias: jax.Array, cfg: ModelConfig,
+          expert_mask: Optional[jax.Array] = None) -> Routing:
+    """x [tokens, hidden]; gate_weight [hidden, experts]; bias [experts]; expert_mask [experts] (0/1, optional):
+    experts never picked, as if pruned (the combine weights are multiplied by the picked experts' mask values,
+    1 in the forward, so an elastic router gets their gradient)."""
     logits = jnp.dot(x.astype(F32), gate_weight.astype(F32), precision=jax.lax.Precision.HIGHEST)
     scores = jax.nn.sigmoid(logits)
     choice = scores + bias.astype(F32)
+    if expert_mask is not None:
+        choice = jnp.where(expert_mask > 0, choice, -jnp.inf)
     e, ng = cfg.n_routed_experts, cfg.n_group
     if ng > 1:
         grouped = choice.reshape(-1, ng, e // ng)
@@ -75,6 +80,8 @@ def route(x: jax.Array, gate_weight: jax.Array, bias: jax.Array, cfg: ModelConfi
     weights = jnp.take_along_axis(scores, experts, axis=1)
     if cfg.norm_topk_prob:
         weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+    if expert_mask is not None:
+        weights = weights * expert_mask[experts]
     return Routing(weights * cfg.routed_scaling_factor, experts.astype(jnp.int32), scores)
 
 
@@ -247,6 +254,7 @@ class MoE(nnx.Module):
             self.fc1_latent_proj = self.fc2_latent_proj = None
         self.router_load = RouterLoad(jnp.zeros((e,), F32), logical_axes=("router",))
         self.aux_loss = AuxLoss(jnp.zeros((), F32), logical_axes=())
+        self.expert_mask = nnx.data(None)        # optional [experts] 0/1 elastic mask (compress/elastic.py)
 
     def init_cache(self, batch: int, max_len: int, dtype) -> None:
         return None
@@ -259,7 +267,8 @@ class MoE(nnx.Module):
         compute = cfg.compute_dtype
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        routing = route(flat, self.gate[...], self.e_score_correction_bias[...], cfg)
+        routing = route(flat, self.gate[...], self.e_score_correction_bias[...], cfg,
+                        mask_value(self.expert_mask, F32))
         if mode is Mode.TRAIN:
             self._record_stats(routing)
         h = flat if self.fc1_latent_proj is None else self.fc1_latent_proj(flat)

@@ -21,9 +21,17 @@ class RMSNorm(nnx.Module):
         self.weight = param(jnp.ones((dim,), param_dtype), (axis,))
         self.eps = eps
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, keep: Optional[jax.Array] = None) -> jax.Array:
+        """keep [dim] (0/1, optional): channels left out; they come out zero and the mean square is over the
+        kept channels only (what the norm of the layer with them pruned computes)."""
         x32 = x.astype(F32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if keep is None:
+            mean_square = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+        else:
+            keep = keep.astype(F32)
+            x32 = x32 * keep
+            mean_square = jnp.sum(x32 * x32, axis=-1, keepdims=True) / jnp.maximum(jnp.sum(keep), 1.0)
+        y = x32 * jax.lax.rsqrt(mean_square + self.eps)
         return (self.weight[...].astype(F32) * y).astype(x.dtype)
 
 
