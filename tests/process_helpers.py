@@ -21,7 +21,7 @@ def launch(worker: str, *args, xla_flags: str = "") -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True)
 
 
-def result(proc: subprocess.Popen, timeout: int = 900) -> dict:
+def result(proc: subprocess.Popen, timeout: int = 1800) -> dict:
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out[-3000:]
     return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])

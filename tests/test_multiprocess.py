@@ -41,7 +41,7 @@ def test_a_signal_to_one_process_stops_all_at_the_same_step(tmp_path):
             break
         time.sleep(0.5)
     procs[1].send_signal(signal.SIGTERM)
-    outs = [p.communicate(timeout=600)[0] for p in procs]
+    outs = [p.communicate(timeout=1200)[0] for p in procs]
     steps = [int(next(line for line in out.splitlines() if line.startswith("INTERRUPTED "))[12:]) for out in outs]
     assert steps[0] == steps[1], outs[0][-2000:]
     assert os.listdir(tmp_path / "checkpoints") == [str(steps[0])]

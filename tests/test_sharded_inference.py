@@ -94,7 +94,7 @@ def test_cli_generate_on_a_mesh_and_in_chunks_prints_the_same_text(tmp_path):
         env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
         proc = subprocess.run([sys.executable, "-m", "nemojax.cli", "generate", "--model", str(tmp_path / "m"),
                                "--prompt", "def main(", "--max-new-tokens", "12", "--ignore-eos", *extra], cwd=ROOT,
-                              env=env, capture_output=True, text=True, timeout=600)
+                              env=env, capture_output=True, text=True, timeout=1200)
         assert proc.returncode == 0, proc.stderr[-2000:]
         return proc
     sharded, single = run("--mesh", "tensor=2", "--prefill-chunk", "4"), run("--prefill-chunk", "0")

@@ -58,7 +58,7 @@ def test_cli_convert_on_a_mesh_writes_the_same_model(tmp_path):
         env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
         proc = subprocess.run([sys.executable, "-m", "nemojax.cli", "convert", "hf-to-orbax", directory,
                                str(tmp_path / name), *extra], cwd=root, env=env, capture_output=True, text=True,
-                              timeout=600)
+                              timeout=1200)
         assert proc.returncode == 0, proc.stderr[-2000:]
     sharded, single = (dict(nnx.state(load_orbax(str(tmp_path / n)), PERSISTENT).flat_state())
                        for n in ("sharded", "single"))
