@@ -56,7 +56,8 @@ def main():
     out = {}
     for latent in (None, 12):
         cfg = CFG.replace(moe_latent_size=latent)
-        for impl in ("dense", "ragged", "capacity", "gmm"):
+        # the latent projections sit outside the expert computation: one implementation checks them on meshes
+        for impl in ("dense", "ragged", "capacity", "gmm") if latent is None else ("ragged",):
             ref_value, ref_grads = run(cfg, impl)
             for name, mesh_cfg in MESHES.items():
                 value, grads = run(cfg, impl, make_mesh(mesh_cfg))

@@ -117,8 +117,8 @@ def test_moe_model_jits_and_is_causal():
 
 
 def test_experts_on_a_mesh_equal_one_device_and_sort_local_tokens():
-    """Each data shard routes its own tokens (layers/moe.py experts_on_mesh): dense, ragged and capacity
-    experts, with and without LatentMoE, on meshes splitting tokens, the expert MLP width (tensor) and the
+    """Each data shard routes its own tokens (layers/moe.py experts_on_mesh): dense, ragged, capacity and gmm
+    experts (and ragged with LatentMoE) on meshes splitting tokens, the expert MLP width (tensor) and the
     experts themselves, equal the one-device layer in values and gradients; the compiled program sorts only
     the local shard's assignments (left to GSPMD, every device sorted all 168)."""
     import os
@@ -128,7 +128,7 @@ def test_experts_on_a_mesh_equal_one_device_and_sort_local_tokens():
     worker = os.path.join(os.path.dirname(__file__), "moe_mesh_worker.py")
     out = result(launch(worker, xla_flags="--xla_force_host_platform_device_count=8"))
     sorts = out.pop("sort_sizes")
-    assert len(out) == 2 * 4 * 4
+    assert len(out) == (4 + 1) * 4                                       # impls (latent: ragged) x meshes
     for case, diff in out.items():
         assert diff["value"] < 1e-5 and diff["grads"] < 1e-4, (case, diff)
     assignments = 8 * 7 * 3
