@@ -97,9 +97,11 @@ def test_a_budget_outside_zero_one_is_one_clear_error(budgets):
         ElasticConfig(budgets=budgets)
 
 
-def test_models_with_an_mtp_head_are_refused():
+def test_models_the_masks_cannot_cover_are_refused():
     with pytest.raises(ConfigError, match="MTP"):
         elastic.check_model(ModelConfig.from_yaml("configs/tiny_moe.yaml"))
+    with pytest.raises(ConfigError, match="attn_qkv_norm"):          # its attention norm is not a masked pre-norm
+        elastic.check_model(TINY.replace(attn_qkv_norm=True))
 
 
 def test_gumbel_choice_is_one_hot_forward_with_the_softmax_gradient():

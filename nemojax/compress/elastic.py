@@ -95,6 +95,13 @@ def _sizes(n: int, multiple: int, fractions: Sequence[float], least: int = 1) ->
     return tuple(sorted((s for s in out if s <= n), reverse=True))
 
 
+def _units(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """{width axis: (units, groups)}: a submodel keeps the same prefix of every group's units."""
+    return {"hidden_size": (cfg.hidden_size, 1), "intermediate_size": (cfg.intermediate_size, 1),
+            "mamba_num_heads": (cfg.mamba_num_heads, cfg.n_groups),
+            "n_routed_experts": (cfg.n_routed_experts, cfg.n_group)}
+
+
 def choices(cfg: ModelConfig, ec: ElasticConfig) -> dict[str, tuple[int, ...]]:
     """{axis: allowed sizes, largest (the parent's) first} for the axes the model has."""
     kinds = set(cfg.pattern)
@@ -102,17 +109,12 @@ def choices(cfg: ModelConfig, ec: ElasticConfig) -> dict[str, tuple[int, ...]]:
     for axis in ec.axes:
         if AXES[axis] and AXES[axis] not in kinds:
             continue
-        if axis == "hidden_size":
-            out[axis] = _sizes(cfg.hidden_size, 1, ec.fractions)
-        elif axis == "intermediate_size":
-            out[axis] = _sizes(cfg.intermediate_size, 1, ec.fractions)
-        elif axis == "mamba_num_heads":
-            out[axis] = _sizes(cfg.mamba_num_heads, cfg.n_groups, ec.fractions)
-        elif axis == "n_routed_experts":
-            per = cfg.n_routed_experts // cfg.n_group
+        n, groups = _units(cfg)[axis]
+        least = 1
+        if axis == "n_routed_experts":
             # a routing group keeps at least the two experts its group score sums (layers/moe.py route)
-            least = max(cfg.num_experts_per_tok, cfg.n_group * min(2, per))
-            out[axis] = _sizes(cfg.n_routed_experts, cfg.n_group, ec.fractions, least)
+            least = max(cfg.num_experts_per_tok, groups * min(2, n // groups))
+        out[axis] = _sizes(n, groups, ec.fractions, least)
     if ec.max_skip:
         if ec.max_skip >= cfg.num_layers:
             raise ConfigError(f"elastic max_skip={ec.max_skip} would leave no layer of {cfg.num_layers}")
@@ -124,6 +126,9 @@ def check_model(cfg: ModelConfig) -> None:
     if cfg.num_nextn_predict_layers:
         raise ConfigError("elastic training covers the main model; this model has an MTP head "
                           "(num_nextn_predict_layers > 0)")
+    if cfg.attn_qkv_norm and "*" in cfg.pattern:
+        raise ConfigError("elastic embedding masks act on the blocks' pre-norms; attn_qkv_norm replaces the "
+                          "attention block's pre-norm with one the masks do not reach")
 
 
 # ------------------------------------------------------------------------------------------------ 3. router
@@ -141,8 +146,8 @@ class Router(nnx.Module):
 
 
 def gumbel_hard(logits: jax.Array, key: Optional[jax.Array], tau) -> tuple[jax.Array, jax.Array]:
-    """(straight-through one-hot [C]: exact 0/1 values forward, softmax gradient; probabilities [C]). key None:
-    no noise (argmax of the logits)."""
+    """(straight-through one-hot [C]: 0 / 1 values forward (the 1 to within a rounding), the gradient of the
+    softmax at temperature tau; the router's probabilities [C]). key None: no noise (argmax of the logits)."""
     noisy = logits if key is None else logits - jnp.log(-jnp.log(jax.random.uniform(key, logits.shape, F32,
                                                                                          1e-20, 1.0)))
     soft = jax.nn.softmax(noisy / tau)
@@ -163,10 +168,8 @@ class Masker:
 
     def __init__(self, cfg: ModelConfig, sizes: dict, skip_order: Sequence[int] = ()):
         self.cfg, self.sizes = cfg, sizes
-        groups = {"hidden_size": (cfg.hidden_size, 1), "intermediate_size": (cfg.intermediate_size, 1),
-                  "mamba_num_heads": (cfg.mamba_num_heads, cfg.n_groups),
-                  "n_routed_experts": (cfg.n_routed_experts, cfg.n_group)}
-        self.prefix = {a: jnp.asarray(_prefix(*groups[a][:1], sizes[a], groups[a][1])) for a in sizes
+        units = _units(cfg)
+        self.prefix = {a: jnp.asarray(_prefix(units[a][0], sizes[a], units[a][1])) for a in sizes
                        if a != "skip_layers"}
         if "skip_layers" in sizes:
             if len(skip_order) != cfg.num_layers:
@@ -402,11 +405,10 @@ def train(run: ElasticRun, batches: Iterable[np.ndarray], steps: int, seed: int 
             logits = router(onehots[i])
             keys = jax.random.split(jax.random.fold_in(key, i), len(logits))
             picked = {a: gumbel_hard(logits[a], k, tau) for a, k in zip(logits, keys)}
+            weights, probs = ({a: v[j] for a, v in picked.items()} for j in (0, 1))     # see budget_loss
             student = nnx.merge(graphdef, state["model"], jax.tree.map(lambda v: v, rest))
-            masker.apply(student, masker.masks({a: w for a, (w, _) in picked.items()}))
-            # (weights, probs) per axis: see budget_loss
+            masker.apply(student, masker.masks(weights))
             kd = logit_kl(t_logits, student(inputs))
-            weights, probs = ({a: v[j] for a, v in picked.items()} for j in (0, 1))
             bl = budget_loss(counter, weights, probs, budget, ec.tolerance, skip_prefix)
             total = total + kd + ec.budget_weight * bl
             metrics[f"kd@{budget:g}"], metrics[f"budget_loss@{budget:g}"] = kd, bl
@@ -437,13 +439,9 @@ def train(run: ElasticRun, batches: Iterable[np.ndarray], steps: int, seed: int 
 
 
 def expected_params(run: ElasticRun, chosen: dict[str, int]) -> float:
-    """Parameters of the submodel of those sizes, counted without building it."""
+    """Parameters of the submodel of those sizes, counted without building it (as the budget loss counts)."""
     counter = ParamCounter(run.model, run.sizes)
-    ratios = {a: chosen[a] / run.sizes[a][0] for a in run.sizes if a != "skip_layers"}
-    keep = None
-    if "skip_layers" in run.sizes and chosen.get("skip_layers", 0):
-        keep = jnp.ones(run.model.config.num_layers).at[jnp.asarray(run.skip_order[:chosen["skip_layers"]])].set(0)
-    return float(counter(ratios, keep))
+    return float(counter.of(hard_weights(run.sizes, chosen), run.masker.prefix.get("skip_layers")))
 
 
 __all__ = ["ElasticConfig", "ElasticRun", "Masker", "ParamCounter", "Router", "budget_loss", "choices", "start",
