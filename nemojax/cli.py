@@ -404,6 +404,8 @@ def _cmd_elastic_train(args) -> int:
     cfg = model_config(src)
     ec = elastic.ElasticConfig(budgets=_floats(args.budgets, "--budgets"), max_skip=args.max_skip,
                                learning_rate=args.lr, router_learning_rate=args.router_lr)
+    if not ec.budgets:
+        raise ValueError(f"--budgets {args.budgets!r}: give at least one budget, e.g. 1,0.75,0.5")
     elastic.check_model(cfg)
     elastic.choices(cfg, ec)
     check_writable_target(args.dst, args.force, sources=(src,))
@@ -502,7 +504,11 @@ def _cmd_train(args) -> int:
     evals = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]
     if evals:
         print("validation loss: " + ", ".join(f"step {s}: {v:.3f}" for s, v in evals), file=sys.stderr)
-    print(f"model exported to {trainer.export()}", file=sys.stderr)
+    exported = trainer.export()
+    print(f"model exported to {exported}", file=sys.stderr)
+    if trainer.elastic is not None:
+        print(f"an elastic run: extract a budget with `nemojax elastic extract {exported} OUT --budget B`",
+              file=sys.stderr)
     return 0
 
 

@@ -146,3 +146,39 @@ def test_nemojax_elastic_train_and_extract(tmp_path, capsys):
     assert len(got) == len(want)
     for path, var in got:
         np.testing.assert_array_equal(np.asarray(var.get_value()), np.asarray(want[path].get_value()))
+
+
+def test_nemojax_train_with_elastic_budgets_resumes_exactly_and_exports_an_elastic_run(tmp_path, corpus):
+    """train.elastic.budgets through the Trainer: its data, checkpoints (router and its optimizer included) and
+    export. A run interrupted after 3 steps and resumed equals one that ran straight through; the export is an
+    elastic run whose extraction equals its parent under the masks; the teacher stays the (sorted) parent."""
+    from train_helpers import SMALL, make
+
+    from nemojax.convert.orbax import save_orbax
+    from nemojax.train.trainer import load_run_config
+
+    parent = NemotronH(load_run_config("configs/tiny.yaml", SMALL)[0], nnx.Rngs(3))
+    save_orbax(parent, str(tmp_path / "parent"))
+    opts = ("train.steps=6", "train.save_every=3", "train.eval_every=6", f"train.init_from={tmp_path / 'parent'}",
+            "train.elastic.budgets=[1.0,0.5]", "train.elastic.calib_batches=2")
+    straight = make(tmp_path / "a", corpus, *opts)
+    history = straight.run(progress=False)
+    assert {"kd@0.5", "params@0.5", "budget_loss@1", "tau"} <= history[-1].keys()
+    make(tmp_path / "b", corpus, *opts).run(stop_after=3, progress=False)
+    resumed = make(tmp_path / "b", corpus, *opts)
+    resumed.run(progress=False)
+    for a, b in ((straight.model, resumed.model), (straight.elastic.router, resumed.elastic.router)):
+        for x, y in zip(jax.tree.leaves(nnx.state(a, nnx.Param)), jax.tree.leaves(nnx.state(b, nnx.Param))):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(_logits(straight.teacher), _logits(parent), rtol=1e-5, atol=1e-5)
+    assert np.abs(_logits(straight.model) - _logits(parent)).max() > 1e-4          # the model did train
+    run = elastic.ElasticRun.load(straight.export())
+    chosen = {axis: sizes[len(sizes) // 2] for axis, sizes in run.sizes.items()}
+    run.masked(chosen)
+    want = _logits(run.model)
+    run.unmasked()
+    np.testing.assert_allclose(_logits(run.extract_sizes(chosen)), want, rtol=2e-5, atol=2e-5)
+    with pytest.raises(ConfigError, match="elastic setting"):                       # other budgets: refused
+        make(tmp_path / "b", corpus, *opts, "train.elastic.budgets=[1.0,0.6]", "train.steps=8").run(progress=False)
+    with pytest.raises(ConfigError, match="train.init_from"):
+        load_run_config("configs/tiny.yaml", ("train.elastic.budgets=[1.0,0.5]",))

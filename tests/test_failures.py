@@ -48,6 +48,8 @@ def cli(*argv, limit_bytes: int = 0, timeout: int = 600) -> subprocess.Completed
                f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit_bytes}, {limit_bytes}))\n" if limit_bytes else "")
             + "from nemojax.cli import main\nsys.exit(main())\n")
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONDONTWRITEBYTECODE="1")
+    if limit_bytes:                           # the compilation cache's own writes would hit the cap too
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)
     return subprocess.run([sys.executable, "-c", code, *map(str, argv)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 

@@ -2,10 +2,11 @@
 TPU compiler (libtpu, ahead of time on this CPU host) for TPU v5e and v6e, and the CUDA lowering (Triton). The
 SSD kernel forward and forward+backward at each config's Mamba shapes (TPU form on TPU, GPU form for CUDA);
 matmul4 for each of its projections at M = 1 and 256, NVFP4 and int4 with each `nemojax pack --group` choice.
-Every shape is lowered (Pallas's block rules are checked there); a matmul4 kernel is compiled once per distinct
-configuration (tiles, format, scale block, partial last tiles: what the compiled kernel and its VMEM use depend
-on). Interpret-mode tests check the numbers; these check that the compilers accept the kernels. Without libtpu
-the TPU cases skip, except in CI, where they fail."""
+Every SSD shape is lowered (Pallas's block rules are checked there); matmul4 is lowered and compiled once per
+distinct kernel configuration over all configs (tiles, format, scale block, partial last tiles: what the compiled
+kernel and its VMEM use depend on; shapes of one configuration differ only in grid extent). Interpret-mode
+tests check the numbers; these check that the compilers accept the kernels. Without libtpu the TPU cases skip,
+except in CI, where they fail."""
 
 import functools
 import glob
@@ -89,32 +90,54 @@ def matmul4_fn(target: str):
     return functools.partial(matmul4, target="gpu" if target == "cuda" else "tpu", interpret=False)
 
 
-COMPILED_MATMUL4 = set()                          # kernel configurations lowered (and compiled) in this process
+def matmul4_config(target: str, m: int, k: int, n: int, fmt: str, block: int) -> tuple:
+    """What the compiled kernel (its code and VMEM) depends on: tiles, format, scale block, padding and partial
+    last tiles; shapes of one configuration differ only in grid extent."""
+    w = jax.eval_shape(lambda: quantize(jnp.zeros((k, n), jnp.bfloat16), fmt, block))
+    half = w.data.shape[0]
+    bm, bn, bk, n_pad = tiles(m, half, n, block, "gpu" if target == "cuda" else "tpu")
+    return target, fmt, block, bm, bn, bk, n_pad != n, half % bk != 0, n_pad % bn != 0
 
 
-@pytest.mark.parametrize("target", TARGETS)
+@functools.cache
+def matmul4_cases() -> dict:
+    """{kernel configuration: (target, m, k, n, fmt, block) of the first projection that produces it}, over
+    every config, projection, format, M in (1, 256) and target: each configuration is compiled once per run."""
+    out = {}
+    for name in sorted(CONFIGS):
+        for k, n in linear_shapes(name):
+            for fmt, group in FORMATS:
+                block = PackSpec(fmt, group).block_for(k)
+                if block is None:
+                    continue                      # test_every_projection_has_a_4bit_block_size fails instead
+                for target in TARGETS:
+                    for m in (1, 256):
+                        out.setdefault(matmul4_config(target, m, k, n, fmt, block), (target, m, k, n, fmt, block))
+    return out
+
+
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_matmul4_compiles_for_every_projection(name, target):
-    """Every projection of every config has a 4-bit block size, and every kernel configuration those shapes
-    produce (tiles, padding, ragged K / N tiles: all the kernel's code depends on) lowers, and on TPU compiles
-    with its cost estimate; a shape whose configuration was already lowered differs only in grid extent and is
-    not lowered again."""
-    kernel_target = "gpu" if target == "cuda" else "tpu"
+def test_every_projection_has_a_4bit_block_size(name):
     for k, n in linear_shapes(name):
         for fmt, group in FORMATS:
-            block = PackSpec(fmt, group).block_for(k)
-            assert block is not None, (name, k, fmt, group)
-            w = jax.eval_shape(lambda: quantize(jnp.zeros((k, n), jnp.bfloat16), fmt, block))
-            half = w.data.shape[0]
-            for m in (1, 256):
-                bm, bn, bk, n_pad = tiles(m, half, n, block, kernel_target)
-                config = (target, fmt, block, bm, bn, bk, n_pad != n, half % bk != 0, n_pad % bn != 0)
-                if config in COMPILED_MATMUL4:
-                    continue
-                COMPILED_MATMUL4.add(config)
-                out = lowered(target, matmul4_fn(target), jax.ShapeDtypeStruct((m, k), jnp.bfloat16), w)
-                if target != "cuda":
-                    assert out.compile().cost_analysis()["flops"] >= 2 * m * k * n, (k, n, fmt, block)
+            assert PackSpec(fmt, group).block_for(k) is not None, (name, k, n, fmt, group)
+
+
+MATMUL4_SHARDS = 6                                # per target: the configurations spread over the test workers
+
+
+@pytest.mark.parametrize("shard", range(MATMUL4_SHARDS))
+@pytest.mark.parametrize("target", TARGETS)
+def test_matmul4_compiles_for_every_kernel_configuration(target, shard):
+    """Every kernel configuration the published configs' projections produce (matmul4_cases; this shard's share)
+    lowers, and on TPU compiles with its cost estimate."""
+    cases = [c for c in matmul4_cases().values() if c[0] == target][shard::MATMUL4_SHARDS]
+    assert cases or shard > 0
+    for _, m, k, n, fmt, block in cases:
+        w = jax.eval_shape(lambda: quantize(jnp.zeros((k, n), jnp.bfloat16), fmt, block))
+        out = lowered(target, matmul4_fn(target), jax.ShapeDtypeStruct((m, k), jnp.bfloat16), w)
+        if target != "cuda":
+            assert out.compile().cost_analysis()["flops"] >= 2 * m * k * n, (k, n, fmt, block)
 
 
 MOE_SHAPES = sorted({(cfg.moe_latent_size or cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok)

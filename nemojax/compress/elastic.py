@@ -52,8 +52,11 @@ AXES = {"hidden_size": "", "intermediate_size": "-", "mamba_num_heads": "M", "n_
 
 @dataclasses.dataclass(frozen=True)
 class ElasticConfig:
-    """budgets: parameter fractions of the parent, each in (0, 1]; fractions: the sizes each width axis may take,
-    as fractions of the parent's (rounded to what the layer allows); max_skip: layers that may be skipped."""
+    """budgets: parameter fractions of the parent, each in (0, 1] (none: `nemojax train` trains no elastic run);
+    fractions: the sizes each width axis may take, as fractions of the parent's (rounded to what the layer
+    allows); max_skip: layers that may be skipped. learning_rate is `nemojax elastic train`'s (constant); under
+    `nemojax train` the model follows train.optim. calib_batches: the training batches `nemojax train` scores
+    importance on (the first ones of the training stream)."""
     budgets: tuple = (1.0, 0.75, 0.5)
     fractions: tuple = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25)
     axes: tuple = ("hidden_size", "intermediate_size", "mamba_num_heads", "n_routed_experts")
@@ -66,6 +69,7 @@ class ElasticConfig:
     tolerance: float = 0.05
     learning_rate: float = 1e-3
     router_learning_rate: float = 5e-2
+    calib_batches: int = 8
 
     def __post_init__(self):
         object.__setattr__(self, "budgets", tuple(float(b) for b in self.budgets))
@@ -75,16 +79,16 @@ class ElasticConfig:
             if not 0.0 < b <= 1.0:
                 raise ConfigError(f"elastic budget {b} is outside (0, 1]: a budget is a fraction of the parent's "
                                   f"parameters")
-        if not self.budgets or len(set(self.budgets)) != len(self.budgets):
-            raise ConfigError(f"elastic budgets {list(self.budgets)} must be distinct and at least one")
+        if len(set(self.budgets)) != len(self.budgets):
+            raise ConfigError(f"elastic budgets {list(self.budgets)} must be distinct")
         if not self.fractions or any(not 0.0 < f <= 1.0 for f in self.fractions):
             raise ConfigError(f"elastic fractions {list(self.fractions)} must lie in (0, 1]")
         unknown = [a for a in self.axes if a not in AXES or a == "skip_layers"]
         if unknown:
             raise ConfigError(f"unknown elastic axes {unknown}; choose from "
                               f"{[a for a in AXES if a != 'skip_layers']}")
-        if self.max_skip < 0 or self.router_hidden < 1:
-            raise ConfigError("elastic max_skip must be >= 0 and router_hidden >= 1")
+        if self.max_skip < 0 or self.router_hidden < 1 or self.calib_batches < 1:
+            raise ConfigError("elastic max_skip must be >= 0, router_hidden and calib_batches >= 1")
         if not 0 < self.tau_min <= self.tau_init or not 0 < self.tau_decay <= 1:
             raise ConfigError("elastic temperatures need 0 < tau_min <= tau_init and 0 < tau_decay <= 1")
 
@@ -365,6 +369,8 @@ def start(parent: NemotronH, scores, ec: ElasticConfig, seed: int = 0) -> Elasti
     """Step 1: the parent sorted by `scores` (importance.collect; with max_skip also importance.depth_scores'
     'depth/nmse') and a fresh router."""
     cfg = parent.config
+    if not ec.budgets:
+        raise ConfigError("elastic training needs at least one budget")
     check_model(cfg)
     sizes = choices(cfg, ec)
     skip_order: tuple = ()
@@ -375,38 +381,25 @@ def start(parent: NemotronH, scores, ec: ElasticConfig, seed: int = 0) -> Elasti
                       skip_order)
 
 
-def train(run: ElasticRun, batches: Iterable[np.ndarray], steps: int, seed: int = 0,
-          log=None) -> list[dict]:
-    """Step 4: `steps` AdamW steps on the run's model and router against the frozen starting model, every budget
-    in every step; batches [b, seq + 1] int32 cycle. Returns per-step metrics."""
-    import optax
-
+def objective(run: ElasticRun, graphdef, rest, r_graphdef, counter: Optional[ParamCounter] = None):
+    """Step 4's loss: fn(params, router_params, teacher_logits, inputs, key, tau) -> (total, metrics), summed over
+    the run's budgets; params / rest: nnx.split(model, nnx.Param, ...) of the run's model (each budget's student
+    is merged afresh from them, so masks never reach the caller's model), router_params of its router."""
     ec, masker = run.config, run.masker
-    counter = ParamCounter(run.model, run.sizes)
+    counter = counter or ParamCounter(run.model, run.sizes)
     skip_prefix = masker.prefix.get("skip_layers")
-    graphdef, params, rest = nnx.split(run.model, nnx.Param, ...)
-    r_graphdef, r_params = nnx.split(run.router, nnx.Param)
-    teacher = jax.tree.map(jnp.copy, params)
-    opt = optax.multi_transform(
-        {"model": optax.adamw(ec.learning_rate, weight_decay=0.0),
-         "router": optax.adam(ec.router_learning_rate)}, {"model": "model", "router": "router"})
-    state = {"model": params, "router": r_params}
-    opt_state = opt.init(state)
     onehots = jnp.eye(len(ec.budgets), dtype=F32)
 
-    def loss_fn(state, teacher, rest, tokens, key, tau):
-        inputs = tokens[:, :-1]
-        # the forward writes router statistics: each merge gets its own copy of the non-parameter variables,
-        # made at this trace level
-        t_logits = jax.lax.stop_gradient(nnx.merge(graphdef, teacher, jax.tree.map(lambda v: v, rest))(inputs))
-        router = nnx.merge(r_graphdef, state["router"])
+    def loss(params, r_params, t_logits, inputs, key, tau):
+        router = nnx.merge(r_graphdef, r_params)
         total, metrics = 0.0, {}
         for i, budget in enumerate(ec.budgets):
             logits = router(onehots[i])
             keys = jax.random.split(jax.random.fold_in(key, i), len(logits))
             picked = {a: gumbel_hard(logits[a], k, tau) for a, k in zip(logits, keys)}
             weights, probs = ({a: v[j] for a, v in picked.items()} for j in (0, 1))     # see budget_loss
-            student = nnx.merge(graphdef, state["model"], jax.tree.map(lambda v: v, rest))
+            # the forward writes router statistics: each merge gets its own copy of the non-parameter variables
+            student = nnx.merge(graphdef, params, jax.tree.map(lambda v: v, rest))
             masker.apply(student, masker.masks(weights))
             kd = logit_kl(t_logits, student(inputs))
             bl = budget_loss(counter, weights, probs, budget, ec.tolerance, skip_prefix)
@@ -415,9 +408,39 @@ def train(run: ElasticRun, batches: Iterable[np.ndarray], steps: int, seed: int 
             metrics[f"params@{budget:g}"] = counter.of(weights, skip_prefix) / counter.full
         return total, metrics
 
+    return loss
+
+
+def tau_at(ec: ElasticConfig, step: int) -> float:
+    """The Gumbel-softmax temperature of step `step` (0-based): tau_init * tau_decay^step, at least tau_min."""
+    return max(ec.tau_min, ec.tau_init * ec.tau_decay ** step)
+
+
+def train(run: ElasticRun, batches: Iterable[np.ndarray], steps: int, seed: int = 0,
+          log=None) -> list[dict]:
+    """Step 4 on one device (`nemojax elastic train`; `nemojax train` with train.elastic.budgets runs the same
+    objective through the Trainer, `trainer_step`): `steps` AdamW steps on the run's model and router against
+    the frozen starting model, every budget in every step; batches [b, seq + 1] int32 cycle. Returns per-step
+    metrics."""
+    import optax
+
+    ec = run.config
+    graphdef, params, rest = nnx.split(run.model, nnx.Param, ...)
+    r_graphdef, r_params = nnx.split(run.router, nnx.Param)
+    teacher = jax.tree.map(jnp.copy, params)
+    loss_fn = objective(run, graphdef, rest, r_graphdef)
+    opt = optax.multi_transform(
+        {"model": optax.adamw(ec.learning_rate, weight_decay=0.0),
+         "router": optax.adam(ec.router_learning_rate)}, {"model": "model", "router": "router"})
+    state = {"model": params, "router": r_params}
+    opt_state = opt.init(state)
+
     @jax.jit
     def step(state, opt_state, teacher, rest, tokens, key, tau):
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state, teacher, rest, tokens, key, tau)
+        inputs = tokens[:, :-1]
+        t_logits = jax.lax.stop_gradient(nnx.merge(graphdef, teacher, jax.tree.map(lambda v: v, rest))(inputs))
+        (loss, metrics), grads = jax.value_and_grad(
+            lambda st: loss_fn(st["model"], st["router"], t_logits, inputs, key, tau), has_aux=True)(state)
         updates, opt_state = opt.update(grads, opt_state, state)
         return optax.apply_updates(state, updates), opt_state, dict(metrics, loss=loss)
 
@@ -426,7 +449,7 @@ def train(run: ElasticRun, batches: Iterable[np.ndarray], steps: int, seed: int 
         raise ValueError("no training batches")
     history, key = [], jax.random.key(seed)
     for s in range(steps):
-        tau = max(ec.tau_min, ec.tau_init * ec.tau_decay ** s)
+        tau = tau_at(ec, s)
         state, opt_state, metrics = step(state, opt_state, teacher, rest, batches[s % len(batches)],
                                          jax.random.fold_in(key, s), jnp.float32(tau))
         row = {k: float(v) for k, v in metrics.items()} | {"step": s + 1, "tau": tau}
@@ -438,6 +461,32 @@ def train(run: ElasticRun, batches: Iterable[np.ndarray], steps: int, seed: int 
     return history
 
 
+def trainer_step(run: ElasticRun, lr_schedule, seed: int = 0):
+    """The Trainer's step for train.elastic.budgets: step(model, opt, router, router_opt, tokens, teacher,
+    step, tau) -> metrics, updating model / opt (nnx.Optimizer, the run's train.optim) and router / router_opt
+    (Adam at router_learning_rate) in place; teacher: the frozen sorted parent (a NemotronH). The model and its
+    optimizer state are donated, as in the plain train step."""
+    import optax
+
+    counter = ParamCounter(run.model, run.sizes)
+
+    def step(model, opt, router, router_opt, tokens, teacher, step, tau):
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        r_graphdef, r_params = nnx.split(router, nnx.Param)
+        loss_fn = objective(run, graphdef, rest, r_graphdef, counter)
+        inputs = tokens[:, :-1]
+        t_logits = jax.lax.stop_gradient(teacher(inputs))
+        key = jax.random.fold_in(jax.random.key(seed), step)
+        (loss, metrics), (grads, r_grads) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
+            params, r_params, t_logits, inputs, key, tau)
+        opt.update(model, grads)
+        router_opt.update(router, r_grads)
+        return dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads), lr=lr_schedule(opt.step[...] - 1),
+                    tau=tau)
+
+    return nnx.jit(step, donate_argnums=(0, 1))
+
+
 def expected_params(run: ElasticRun, chosen: dict[str, int]) -> float:
     """Parameters of the submodel of those sizes, counted without building it (as the budget loss counts)."""
     counter = ParamCounter(run.model, run.sizes)
@@ -445,4 +494,4 @@ def expected_params(run: ElasticRun, chosen: dict[str, int]) -> float:
 
 
 __all__ = ["ElasticConfig", "ElasticRun", "Masker", "ParamCounter", "Router", "budget_loss", "choices", "start",
-           "train", "expected_params", "gumbel_hard", "hard_weights"]
+           "train", "trainer_step", "objective", "tau_at", "expected_params", "gumbel_hard", "hard_weights"]

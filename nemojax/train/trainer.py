@@ -28,6 +28,7 @@ from etils import epath
 from flax import nnx
 
 from nemojax.compress.distill import DistillConfig, logit_kl
+from nemojax.compress.elastic import ElasticConfig
 from nemojax.config import ConfigError, ModelConfig, build, check_bounds, check_choices, read_run_config
 from nemojax.fs import storage_reason
 from nemojax.model import PERSISTENT, NemotronH
@@ -76,6 +77,9 @@ class TrainConfig:
     distill_teacher: str = ""             # model dir: train the run's model on its logits (train.distill)
     distill: DistillConfig = DistillConfig()   # the distillation loss (also QAD's): KL / CE weights, T, top-k
     init_from: str = ""                   # model dir whose weights start a fresh run (e.g. a pruned model)
+    # Nemotron Elastic: train.elastic.budgets=[1.0,0.75,0.5] trains train.init_from (the parent, also the frozen
+    # teacher) with the router; the export is an elastic run (`nemojax elastic extract`)
+    elastic: ElasticConfig = ElasticConfig(budgets=())
 
     def __post_init__(self):
         check_choices(self, "train")
@@ -87,6 +91,13 @@ class TrainConfig:
         if self.qad_teacher and (self.distill_teacher or self.init_from):
             raise ConfigError("train.qad_teacher is the teacher and the student's starting point; leave "
                               "train.distill_teacher and train.init_from unset")
+        if self.elastic.budgets:
+            if not self.init_from:
+                raise ConfigError("train.elastic.budgets trains the nested submodels of a trained parent: set "
+                                  "train.init_from to the parent's model directory")
+            if self.teacher or self.precision != "bf16":
+                raise ConfigError("train.elastic distills from its own frozen parent (train.init_from) in bf16; "
+                                  "leave train.distill_teacher / train.qad_teacher unset and train.precision=bf16")
 
     @property
     def teacher(self) -> str:
@@ -268,6 +279,8 @@ def run_record(model_cfg: ModelConfig, cfg: TrainConfig) -> dict:
               "qad_teacher": _abspath(cfg.qad_teacher), "steps": cfg.steps}
     if cfg.distill_teacher:                    # absent otherwise: records of earlier runs stay comparable
         record.update(distill_teacher=_abspath(cfg.distill_teacher), distill=dataclasses.asdict(cfg.distill))
+    if cfg.elastic.budgets:
+        record.update(elastic=dataclasses.asdict(cfg.elastic), init_from=_abspath(cfg.init_from))
     return json.loads(json.dumps(record, default=str))
 
 
@@ -311,7 +324,11 @@ class Trainer:
         self.teacher = self._load_teacher() if cfg.teacher else None
         if cfg.init_from:
             self._init_from(cfg.init_from)
+        self.elastic = self._start_elastic() if cfg.elastic.budgets else None
         self.opt = nnx.Optimizer(self.model, make_optimizer(cfg.optim, cfg.steps), wrt=nnx.Param)
+        if self.elastic is not None:               # the router is small and stays replicated on a mesh
+            self.router_opt = nnx.Optimizer(self.elastic.router, optax.adam(cfg.elastic.router_learning_rate),
+                                            wrt=nnx.Param)
         self.mesh = make_mesh(cfg.mesh)
         if self.mesh.size > 1:       # parameters and optimizer state placed by their specs; restores keep them
             shard_model(self.model, self.mesh)
@@ -352,6 +369,30 @@ class Trainer:
                 f"{k} {b.get(k)!r} vs the run's {a[k]!r}" for k in differ[:4]) + "); set model.* to match it")
         nnx.update(self.model, nnx.state(source, PERSISTENT))
 
+    def _start_elastic(self):
+        """Nemotron Elastic from the parent loaded by init_from: importance on the first calib_batches training
+        batches (and the layer ranking with max_skip), the parent sorted into importance order (it becomes the
+        run's model) and a frozen copy of it as the teacher. A resumed run repeats this (the same batches give
+        the same order) before its checkpoint is restored over the model and router."""
+        from nemojax.compress import elastic, importance
+
+        ec = self.cfg.elastic
+        elastic.check_model(self.model_cfg)
+        if jax.process_count() > 1:
+            raise ConfigError("train.elastic runs in one process for now (each host would score importance on its "
+                              "own batches and sort the parent differently); a mesh of that process's devices "
+                              "works")
+        it = self.corpus.train_iterator()
+        calib = [np.asarray(next(it)) for _ in range(ec.calib_batches)]
+        scores = importance.collect(self.model, calib)
+        if ec.max_skip:
+            scores.stats.update(importance.depth_scores(self.model, calib))
+        run = elastic.start(self.model, scores, ec, seed=self.cfg.seed)
+        self.model = run.model
+        graphdef, state = nnx.split(run.model)
+        self.teacher = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))     # the step donates the model
+        return run
+
     def apply_precision(self, step: int) -> None:
         """Sets the model's linear layers to the run's precision as of `step` (the forward may have switched
         back to high precision); a change of the layers' matmuls makes the jitted step retrace once."""
@@ -359,9 +400,16 @@ class Trainer:
                         straight_through=bool(self.cfg.qad_teacher))
 
     # ------------------------------------------------------------------ checkpoints
+    def _stateful(self) -> list:
+        """(object, checkpoint key, state) of everything a checkpoint holds."""
+        out = [(self.model, "model", nnx.state(self.model, PERSISTENT)), (self.opt, "opt", nnx.state(self.opt))]
+        if self.elastic is not None:
+            out += [(self.elastic.router, "router", nnx.state(self.elastic.router, nnx.Param)),
+                    (self.router_opt, "router_opt", nnx.state(self.router_opt))]
+        return out
+
     def _state_tree(self) -> dict:
-        return {"model": nnx.to_pure_dict(nnx.state(self.model, PERSISTENT)),
-                "opt": nnx.to_pure_dict(nnx.state(self.opt))}
+        return {key: nnx.to_pure_dict(state) for _, key, state in self._stateful()}
 
     def _check_resume(self, ckpt: Checkpoints) -> Optional[dict]:
         """Refuses to continue checkpoints trained as something else (architecture, precision recipe, QAD
@@ -376,7 +424,8 @@ class Trainer:
             for what, keys, suffix in (("architecture", None, "2"),
                                        ("precision recipe", ("precision", "quant"), self.cfg.precision),
                                        ("QAD teacher", ("qad_teacher",), "qad"),
-                                       ("distillation", ("distill_teacher", "distill"), "distill")):
+                                       ("distillation", ("distill_teacher", "distill"), "distill"),
+                                       ("elastic setting", ("elastic", "init_from"), "elastic")):
                 if keys is None:                      # architecture fields are named without a prefix
                     differ = _differences(saved.get("architecture") or {}, now["architecture"])
                 else:
@@ -421,8 +470,7 @@ class Trainer:
             return 0, None
         restored, data_state = ckpt.restore(step, self._state_tree())
         ckpt.set_aside_after(step)                    # an earlier step chosen: the later ones would block saving
-        for obj, key in ((self.model, "model"), (self.opt, "opt")):
-            state = nnx.state(obj, PERSISTENT) if key == "model" else nnx.state(obj)
+        for obj, key, state in self._stateful():
             nnx.replace_by_pure_dict(state, restored[key])
             nnx.update(obj, state)
         return step, data_state
@@ -458,7 +506,7 @@ class Trainer:
         self.apply_precision(start)
         switch = cfg.quant.bf16_forward_from_step if cfg.precision != "bf16" else 0
         it = self.corpus.train_iterator(data_state)
-        step_fn = make_train_step(self.model_cfg, cfg, self.lr_schedule)
+        step_fn = self._step_fn()
         log = MetricsLog(self.log_dir, enabled=self.is_chief, resume_step=start)
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len      # inputs (and targets) per step
         end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
@@ -476,7 +524,7 @@ class Trainer:
                     if switch and step == switch:
                         self.apply_precision(step)
                     with self._mesh_context():
-                        metrics = step_fn(self.model, self.opt, self._global_batch(next(it)), self.teacher)
+                        metrics = step_fn(step, self._global_batch(next(it)))
                     record = {k: float(v) for k, v in metrics.items()}
                     if loss_hook is not None:
                         record["loss"] = loss_hook(step + 1, record["loss"])
@@ -519,6 +567,18 @@ class Trainer:
                 ckpt.close()
         return self.history
 
+    def _step_fn(self) -> Callable[[int, jax.Array], dict]:
+        """fn(step, batch) -> metrics: one training step of the run's kind, updating its state in place."""
+        if self.elastic is None:
+            step_fn = make_train_step(self.model_cfg, self.cfg, self.lr_schedule)
+            return lambda step, batch: step_fn(self.model, self.opt, batch, self.teacher)
+        from nemojax.compress.elastic import tau_at, trainer_step
+
+        step_fn = trainer_step(self.elastic, self.lr_schedule, seed=self.cfg.seed)
+        ec = self.cfg.elastic
+        return lambda step, batch: step_fn(self.model, self.opt, self.elastic.router, self.router_opt, batch,
+                                           self.teacher, jnp.int32(step), jnp.float32(tau_at(ec, step)))
+
     def _check_saves(self, ckpt: Checkpoints, step: int, wait: bool = False) -> None:
         """Stops training when an asynchronous checkpoint save has failed (disk full, lost storage); with wait,
         once the saves in flight have finished."""
@@ -552,6 +612,11 @@ class Trainer:
         default = os.path.join(self.ckpt_dir, "model")
         tok = self.cfg.data.tokenizer          # an HF tokenizer travels with the model (byte-level needs no file)
         source = None if tok == "byte" else tok if os.path.isdir(tok) else os.path.dirname(os.path.abspath(tok))
-        save_orbax(self.model, directory or default, force=force or directory in (None, default),
-                   tokenizer_from=source)
+        if self.elastic is not None:          # the run's model, router and settings: `nemojax elastic extract`
+            self.elastic.model = self.model
+            self.elastic.save(directory or default, force=force or directory in (None, default),
+                              tokenizer_from=source)
+        else:
+            save_orbax(self.model, directory or default, force=force or directory in (None, default),
+                       tokenizer_from=source)
         return directory or default
