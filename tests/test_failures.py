@@ -307,8 +307,10 @@ try:
 except TrainingError as e:
     print("STOPPED", e)
 """
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONDONTWRITEBYTECODE="1")
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)       # its capped writes would leave truncated cache entries
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONDONTWRITEBYTECODE="1"))
+                          env=env)
     assert "STOPPED saving a checkpoint failed" in proc.stdout, proc.stdout + proc.stderr[-3000:]
     stopped_at = int(proc.stdout.split("stopped at step ")[1].split(".")[0])
     assert 4 < stopped_at < 8
