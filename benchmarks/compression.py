@@ -101,19 +101,22 @@ class Bench:
         return model
 
 
-@contextlib.contextmanager
-def group_blind_mamba():
+def blind_mamba_selection(x_score, groups, heads, head_dim):
     """prune.mamba_selection without groups: the globally top-ranked heads, in their original order."""
     from nemojax.compress import prune as prune_lib
 
+    channels = prune_lib._top(np.sqrt(np.sum(x_score ** 2, axis=0)), head_dim)
+    head_score = np.sqrt(np.sum(x_score[:, channels] ** 2, axis=1))
+    return np.sort(prune_lib._top(head_score, heads)), channels
+
+
+@contextlib.contextmanager
+def group_blind_mamba():
+    """Pruning inside selects Mamba heads with blind_mamba_selection."""
+    from nemojax.compress import prune as prune_lib
+
     aware = prune_lib.mamba_selection
-
-    def blind(x_score, groups, heads, head_dim):
-        channels = prune_lib._top(np.sqrt(np.sum(x_score ** 2, axis=0)), head_dim)
-        head_score = np.sqrt(np.sum(x_score[:, channels] ** 2, axis=1))
-        return np.sort(prune_lib._top(head_score, heads)), channels
-
-    prune_lib.mamba_selection = blind
+    prune_lib.mamba_selection = blind_mamba_selection
     try:
         yield
     finally:
@@ -122,18 +125,14 @@ def group_blind_mamba():
 
 def moved_heads(scores, cfg, heads: int) -> int:
     """How many of the group-blind choice's heads land outside their own group."""
-    from nemojax.compress import prune as prune_lib
-
     moved = 0
     for i, kind in enumerate(cfg.pattern):
-        if kind != "M":
-            continue
-        x = np.sqrt(scores.get(("layers", i), "x"))
-        head_score = np.sqrt(np.sum(x ** 2, axis=1))
-        picked = np.sort(prune_lib._top(head_score, heads))
-        old_group = picked // (cfg.mamba_num_heads // cfg.n_groups)
-        new_group = np.arange(heads) // (heads // cfg.n_groups)
-        moved += int(np.sum(old_group != new_group))
+        if kind == "M":
+            picked, _ = blind_mamba_selection(np.sqrt(scores.get(("layers", i), "x")), cfg.n_groups, heads,
+                                              cfg.mamba_head_dim)
+            old_group = picked // (cfg.mamba_num_heads // cfg.n_groups)
+            new_group = np.arange(heads) // (heads // cfg.n_groups)
+            moved += int(np.sum(old_group != new_group))
     return moved
 
 

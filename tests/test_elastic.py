@@ -127,7 +127,7 @@ def test_nemojax_elastic_train_and_extract(tmp_path, capsys):
     src, run_dir = str(tmp_path / "src"), str(tmp_path / "run")
     save_orbax(NemotronH(TINY, nnx.Rngs(8)), src)
     calib = ["--calib-tokens", "300", "--calib-seq-len", "32", "--calib-batch", "4"]
-    for budgets in ("1,1.5", "0,1", "x"):
+    for budgets in ("1,1.5", "0,1", "x", ""):
         assert main(["elastic", "train", src, run_dir, "--budgets", budgets, *calib]) == 2
         assert "budget" in capsys.readouterr().err
     assert not os.path.exists(run_dir)
@@ -182,3 +182,8 @@ def test_nemojax_train_with_elastic_budgets_resumes_exactly_and_exports_an_elast
         make(tmp_path / "b", corpus, *opts, "train.elastic.budgets=[1.0,0.6]", "train.steps=8").run(progress=False)
     with pytest.raises(ConfigError, match="train.init_from"):
         load_run_config("configs/tiny.yaml", ("train.elastic.budgets=[1.0,0.5]",))
+    for other in ("train.precision=nvfp4", f"train.distill_teacher={tmp_path / 'parent'}"):
+        with pytest.raises(ConfigError, match="its own frozen parent"):
+            load_run_config("configs/tiny.yaml", (*opts, other))
+    with pytest.raises(ConfigError, match="calib_batches"):
+        load_run_config("configs/tiny.yaml", (*opts, "train.elastic.calib_batches=0"))

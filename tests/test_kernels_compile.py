@@ -90,19 +90,12 @@ def matmul4_fn(target: str):
     return functools.partial(matmul4, target="gpu" if target == "cuda" else "tpu", interpret=False)
 
 
-def matmul4_config(target: str, m: int, k: int, n: int, fmt: str, block: int) -> tuple:
-    """What the compiled kernel (its code and VMEM) depends on: tiles, format, scale block, padding and partial
-    last tiles; shapes of one configuration differ only in grid extent."""
-    w = jax.eval_shape(lambda: quantize(jnp.zeros((k, n), jnp.bfloat16), fmt, block))
-    half = w.data.shape[0]
-    bm, bn, bk, n_pad = tiles(m, half, n, block, "gpu" if target == "cuda" else "tpu")
-    return target, fmt, block, bm, bn, bk, n_pad != n, half % bk != 0, n_pad % bn != 0
-
-
 @functools.cache
 def matmul4_cases() -> dict:
     """{kernel configuration: (target, m, k, n, fmt, block) of the first projection that produces it}, over
-    every config, projection, format, M in (1, 256) and target: each configuration is compiled once per run."""
+    every config, projection, format, M in (1, 256) and target. A configuration is what the compiled kernel (its
+    code and VMEM) depends on: tiles, format, scale block, padding and partial last tiles; shapes of one
+    configuration differ only in grid extent, so each is compiled once per run."""
     out = {}
     for name in sorted(CONFIGS):
         for k, n in linear_shapes(name):
@@ -110,9 +103,12 @@ def matmul4_cases() -> dict:
                 block = PackSpec(fmt, group).block_for(k)
                 if block is None:
                     continue                      # test_every_projection_has_a_4bit_block_size fails instead
+                half = jax.eval_shape(lambda: quantize(jnp.zeros((k, n), jnp.bfloat16), fmt, block)).data.shape[0]
                 for target in TARGETS:
                     for m in (1, 256):
-                        out.setdefault(matmul4_config(target, m, k, n, fmt, block), (target, m, k, n, fmt, block))
+                        bm, bn, bk, n_pad = tiles(m, half, n, block, "gpu" if target == "cuda" else "tpu")
+                        config = (target, fmt, block, bm, bn, bk, n_pad != n, half % bk != 0, n_pad % bn != 0)
+                        out.setdefault(config, (target, m, k, n, fmt, block))
     return out
 
 

@@ -28,7 +28,7 @@ from etils import epath
 from flax import nnx
 
 from nemojax.compress.distill import DistillConfig, logit_kl
-from nemojax.compress.elastic import ElasticConfig
+from nemojax.compress.elastic import ElasticConfig, tau_at, trainer_step
 from nemojax.config import ConfigError, ModelConfig, build, check_bounds, check_choices, read_run_config
 from nemojax.fs import storage_reason
 from nemojax.model import PERSISTENT, NemotronH
@@ -572,8 +572,6 @@ class Trainer:
         if self.elastic is None:
             step_fn = make_train_step(self.model_cfg, self.cfg, self.lr_schedule)
             return lambda step, batch: step_fn(self.model, self.opt, batch, self.teacher)
-        from nemojax.compress.elastic import tau_at, trainer_step
-
         step_fn = trainer_step(self.elastic, self.lr_schedule, seed=self.cfg.seed)
         ec = self.cfg.elastic
         return lambda step, batch: step_fn(self.model, self.opt, self.elastic.router, self.router_opt, batch,
@@ -613,7 +611,6 @@ class Trainer:
         tok = self.cfg.data.tokenizer          # an HF tokenizer travels with the model (byte-level needs no file)
         source = None if tok == "byte" else tok if os.path.isdir(tok) else os.path.dirname(os.path.abspath(tok))
         if self.elastic is not None:          # the run's model, router and settings: `nemojax elastic extract`
-            self.elastic.model = self.model
             self.elastic.save(directory or default, force=force or directory in (None, default),
                               tokenizer_from=source)
         else:
