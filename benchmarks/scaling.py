@@ -36,29 +36,27 @@ from nemojax.convert.hf import param_count  # noqa: E402
 
 HEADROOM = 0.9                      # a plan must leave 10% of HBM for the runtime and fragmentation
 TRAIN_SEQ, GLOBAL_BATCH = 8192, 768
+EXPERT_PARALLEL = 8                 # MoE train steps: experts split at most 8 ways (plan_mesh)
 CONTEXT = {"nemotron3_nano_30b_a3b": 1048576}      # beyond config.json's max_position_embeddings (Nemotron 3: 1M)
 CASES = {"train": ("train", None), "decode1": ("decode", 1), "decode32": ("decode", 32)}
 
 
 NOTES = [
-    "- Compiled train rows: see the table's \"compiled\" column (8B and 56B were compiled unrolled, before "
-    "scan_layers; the others scanned with MoE experts through gmm). Nemotron 3 Nano 30B-A3B fits on v5p-32 "
-    "(64.6 GB per chip; v5p-16 asks 103.6 GB, just over); Nemotron 3 Super compiles but does not fit (below). "
-    "Train steps take 3-13 minutes to compile on the 2-core host (benchmarks/compile_time.md: scanned layers "
-    "halve it for 8B and 56B), so rows without a compiled slice are plans.",
-    "- Nemotron 3 Super's train step (scanned, remat=block, pure FSDP, one sequence per chip) compiles but asks "
-    "more HBM per chip than v5p has (102.8 GB): 124 GB on v5p-128 and 122 GB on v5p-256 (with ragged_dot "
-    "dispatch 110 and 113 GB). Two MoE fixes got it there: each data shard now sorts and computes only its own "
-    "tokens' expert assignments (shard_map; left to GSPMD every chip sorted the global batch and the compiler "
-    "asked 6 TB per chip), and on TPU the experts run through the megablox grouped-matmul kernel (moe_impl=gmm): "
-    "XLA's TPU lowering of jax.lax.ragged_dot does dense work over all experts (its compiled FLOPs were 42x "
-    "gmm's). What is left is temporaries (97-110 GB), and doubling the chips does not shrink them: with one "
-    "sequence per chip they do not depend on the slice. The buffer assignment of a 5-layer cut of Super "
-    "(ragged_dot dispatch) showed why: pure FSDP gathers all 512 experts' weights of a layer on every chip "
-    "(bf16[512, 1024, 2688], 2.6 GB, several live copies) and their fp32 gradients (5.3 GB each) before the "
-    "reduce-scatter, next to 4 GB of fp32 logits. Expert parallelism (tokens to the chips that own their experts, "
-    "all-to-all or all-gather with compacted local assignments) avoids the gathers and is not built. The MoE "
-    "train plan for Super is therefore unverified.",
+    "- Compiled train rows: see the table's \"compiled\" column, with the mesh each compiled on (8B and 56B were "
+    "compiled unrolled, before scan_layers; the others scanned). MoE train rows compile with expert parallelism "
+    "(plan_mesh: fsdp x expert, the batch split over both) and experts through gmm. Train steps take 3-13 "
+    "minutes to compile on the 2-core host (benchmarks/compile_time.md), so rows without a compiled slice are "
+    "plans.",
+    "- MoE train steps and expert parallelism. Nemotron 3 Super's train step with pure FSDP asked 124 GB per "
+    "chip on v5p-128 and 122 GB on v5p-256 (temporaries 100-110 GB, which more chips did not shrink): every "
+    "chip gathered all 512 experts' weights of a layer (bf16[512, 1024, 2688], 2.6 GB, several live copies) and "
+    "their fp32 gradients (5.3 GB each). With the expert axis (layers/moe.py experts_on_mesh: each expert shard "
+    "gathers its expert group's tokens and computes its own experts' assignments, one token block at a time) "
+    "it fits v5p-128 on fsdp=8, expert=8: 78.7 GB per chip (temporaries 44.6 GB). Nemotron 3 Nano fits v5p-16 "
+    "on fsdp=4, expert=2 (89.9 GB; with pure FSDP v5p-16 asked 103.6 GB and v5p-32 was the smallest).",
+    "- Super on v6e: no slice is compiled. Per-chip temporaries of one 8192-token sequence (~45 GB on v5p) "
+    "exceed v6e's 31.25 GB whatever the slice; it needs the sequence or the MLP width split (tensor "
+    "parallelism), which this planner does not try.",
     "- 56B on v6e: no slice up to v6e-256 fits with FSDP alone (one 8192-token sequence per chip needs ~24 GB "
     "of activations and logits); tensor parallelism or sequence sharding would be needed and is not planned here.",
     "- MFU \"n/a\": the compiler's FLOP count of the partitioned program came out below the model FLOPs (scanned "
@@ -111,14 +109,30 @@ def slice_name(generation: str, chips: int) -> str:
     return Topology(generation, CHIPS[generation].shapes[chips], chips).name
 
 
+def mesh_key(mesh: dict) -> str:
+    return ",".join(f"{a}={mesh[a]}" for a in ("data", "fsdp", "tensor", "expert") if mesh.get(a, 1) > 1)
+
+
 def load_results(path: str) -> dict:
     out = {}
     if os.path.exists(path):
         with open(path) as f:
             for line in f:
                 r = json.loads(line)
-                out[(r["config"], r["topology"], r["step"], r["batch"], r["seq_len"])] = r
+                out[(r["config"], r["topology"], r["step"], r["batch"], r["seq_len"], mesh_key(r["mesh"]))] = r
     return out
+
+
+def plan_mesh(cfg: ModelConfig, step: str, chips: int) -> dict:
+    """The mesh a row compiles on: FSDP over every chip, and for MoE train steps fsdp x expert with the expert
+    axis about the square root of the chips, at most EXPERT_PARALLEL (the batch splits over both: the expert
+    axis is data parallel outside the MoE layers; non-expert weights are sharded over fsdp only, so a larger
+    expert axis replicates them more). Decode rows keep FSDP weights."""
+    ep = 1
+    if step == "train" and cfg.n_routed_experts:
+        while ep * 2 <= EXPERT_PARALLEL and (ep * 2) ** 2 <= chips and cfg.n_routed_experts % (ep * 2) == 0:
+            ep *= 2
+    return {"data": 1, "fsdp": chips // ep, "tensor": 1, "expert": ep}
 
 
 def compile_row(name: str, cfg: ModelConfig, generation: str, chips: int, case: str, batch: int, seq: int) -> dict:
@@ -126,8 +140,8 @@ def compile_row(name: str, cfg: ModelConfig, generation: str, chips: int, case: 
     from nemojax.sharding import MeshConfig
 
     step, _ = CASES[case]
-    plan = compile_plan(cfg, slice_name(generation, chips), MeshConfig(data=1, fsdp=-1), step=step, batch=batch,
-                        seq_len=seq, remat="block" if step == "train" else None)
+    plan = compile_plan(cfg, slice_name(generation, chips), MeshConfig(**plan_mesh(cfg, step, chips)), step=step,
+                        batch=batch, seq_len=seq, remat="block" if step == "train" else None)
     return dict(plan, config=name)
 
 
@@ -156,7 +170,7 @@ def render(rows: list[dict], results: dict) -> str:
     for r in rows:
         by_case.setdefault(r["case"], []).append(r)
     titles = {"train": f"## (a) Training: seq {TRAIN_SEQ}, global batch {GLOBAL_BATCH} (grad accumulation), "
-                       "remat=block, FSDP over all chips",
+                       "remat=block, FSDP over all chips (MoE: fsdp x expert)",
               "decode1": "## (b) Inference at full context, batch 1 (one decode step; FSDP weights)",
               "decode32": "## (b) Inference at full context, batch 32 (one decode step; FSDP weights)"}
     for case, case_rows in by_case.items():
@@ -167,7 +181,7 @@ def render(rows: list[dict], results: dict) -> str:
         for r in case_rows:
             compiled = [v for k, v in results.items() if k[0] == r["config"] and k[1].startswith(r["generation"])
                         and k[2] == CASES[case][0] and (case == "train" or k[3] == r["batch"])
-                        and k[4] == r["seq_len"]]
+                        and k[4] == r["seq_len"] and k[5] == mesh_key(plan_mesh(r["cfg"], CASES[case][0], v["chips"]))]
             fitting = sorted((c for c in compiled if c["fits"]), key=lambda c: c["chips"])
             best = fitting[0] if fitting else (max(compiled, key=lambda c: c["chips"]) if compiled else None)
             planned = slice_name(r["generation"], r["chips"]) if r["chips"] else "none"
@@ -176,8 +190,9 @@ def render(rows: list[dict], results: dict) -> str:
                 # the MFU of a roofline is meaningful only where the compiler counted at least the model's FLOPs
                 counted = best.get("mfu") and best["flops_per_step"] >= best["model_flops_per_chip"]
                 mfu = f"{best['mfu']:.0%}" if counted else "n/a" if best.get("mfu") else "–"
-                cells = [best["topology"], gb(best["hbm_bytes_per_chip"]), "yes" if best["fits"] else "no",
-                         f"{tps:,.0f}" if tps else "–", mfu, f"{best['compile_seconds']:.0f}"]
+                cells = [f"{best['topology']} ({mesh_key(best['mesh'])})", gb(best["hbm_bytes_per_chip"]),
+                         "yes" if best["fits"] else "no", f"{tps:,.0f}" if tps else "–", mfu,
+                         f"{best['compile_seconds']:.0f}"]
             else:
                 tps, mfu = (roofline(r["cfg"], CHIPS[r["generation"]], r["chips"], CASES[case][0], r["batch"],
                                      r["seq_len"]) if r["chips"] else (None, None))
@@ -217,7 +232,8 @@ def main():
                 chips = row["chips"]
                 while args.compile and chips and time.time() < deadline:
                     batch = min(chips, GLOBAL_BATCH) if case == "train" else row["batch"]
-                    key = (name, slice_name(gen, chips), CASES[case][0], batch, row["seq_len"])
+                    key = (name, slice_name(gen, chips), CASES[case][0], batch, row["seq_len"],
+                           mesh_key(plan_mesh(cfg, CASES[case][0], chips)))
                     if key not in results:
                         try:
                             results[key] = compile_row(name, cfg, gen, chips, case, batch, row["seq_len"])

@@ -42,6 +42,7 @@ from nemojax.config import ConfigError, ModelConfig
 from nemojax.sharding import (
     AXES,
     MeshConfig,
+    batch_shards,
     logical_to_spec,
     make_mesh,
     mesh_shape,
@@ -282,8 +283,9 @@ def compile_plan(cfg: ModelConfig, topology: str, mesh: MeshConfig = MeshConfig(
                  remat: Optional[str] = None, precision: str = "bf16", prefill_chunk: Optional[int] = 8192,
                  scan_layers: Optional[bool] = None) -> dict:
     """Compiles one `step` of `cfg` for `topology` (e.g. 'v5p-128') on `mesh` and returns the plan (see module
-    docstring). batch defaults to the data x fsdp size (train) or 1; seq_len to 8192 (train) or the model's
-    max_position_embeddings. remat and scan_layers override cfg.runtime's. Inference compiles with bf16 weights."""
+    docstring). batch defaults to the data x fsdp x expert size (train) or 1; seq_len to 8192 (train) or the
+    model's max_position_embeddings. remat and scan_layers override cfg.runtime's. Inference compiles with bf16
+    weights."""
     topo = parse_topology(topology)
     chip = topo.chip
     if step not in ("train", "prefill", "decode"):
@@ -298,11 +300,11 @@ def compile_plan(cfg: ModelConfig, topology: str, mesh: MeshConfig = MeshConfig(
     cfg = cfg.replace(runtime=dataclasses.replace(cfg.runtime, **runtime))
     devices = topology_devices(topo)
     mesh_obj = compile_mesh(devices, mesh)
-    data = mesh_obj.shape["data"] * mesh_obj.shape["fsdp"]
+    data = batch_shards(mesh_obj)
     batch = batch or (data if step == "train" else 1)
     seq_len = seq_len or (8192 if step == "train" else cfg.max_position_embeddings)
     if batch % data and (step == "train" or batch >= data):     # (inference may replicate a small batch)
-        raise ConfigError(f"--batch {batch} is not divisible by the data x fsdp mesh axes ({data})")
+        raise ConfigError(f"--batch {batch} is not divisible by the data x fsdp x expert mesh axes ({data})")
     plan = {"model_layers": cfg.num_layers, "step": step, "topology": topo.name, "topology_shape": topo.jax_name,
             "chips": topo.chips, "mesh": {a: int(s) for a, s in mesh_obj.shape.items()}, "batch": batch,
             "seq_len": seq_len, "remat": cfg.runtime.remat, "scan_layers": cfg.runtime.scan_layers,

@@ -623,7 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "or v5p:4x4x4")
     a.add_argument("--mesh", default="fsdp=-1", help="mesh over the slice's chips (default %(default)s)")
     a.add_argument("--step", choices=["train", "prefill", "decode"], default="train", help="which step to compile")
-    a.add_argument("--batch", type=int, default=None, help="global batch (default: data x fsdp for train, 1 else)")
+    a.add_argument("--batch", type=int, default=None,
+                   help="global batch (default: data x fsdp x expert for train, 1 else)")
     a.add_argument("--seq-len", type=int, default=None,
                    help="train window / prompt / cache length (default: 8192 train, the model's context otherwise)")
     a.add_argument("--remat", choices=["none", "block", "dots"], default=None, help="default: the config's")

@@ -32,8 +32,9 @@ AXES = ("data", "fsdp", "tensor", "expert")
 # inference caches (each cache type declares its LOGICAL_AXES; generation pins them with constrain_cache).
 RULES = {
     # activations and caches; the residual stream is sharded over the batch only: tensor-parallel layers gather
-    # it at their input and reduce at their output (Megatron's non-sequence-parallel layout)
-    "batch": ("data", "fsdp"), "seq": None, "act_embed": None, "cache_seq": None,
+    # it at their input and reduce at their output (Megatron's non-sequence-parallel layout). The expert axis is
+    # data parallel outside the MoE layers (which gather each expert group's tokens: layers/moe.py)
+    "batch": ("data", "fsdp", "expert"), "seq": None, "act_embed": None, "cache_seq": None,
     "vocab": ("tensor",),                  # embedding rows, lm_head columns, logits
     "embed": ("fsdp",),                    # the hidden size of weights (FSDP)
     "heads": ("tensor",), "kv_heads": ("tensor",), "head_dim": None,
@@ -45,6 +46,14 @@ RULES = {
     "norm": None,
     "layers": None,                        # the stacked axis of scanned layers (layers/block.py)
 }
+
+
+BATCH_AXES = RULES["batch"]
+
+
+def batch_shards(mesh) -> int:
+    """How many ways a batch splits on `mesh` (the product of RULES['batch']'s axes)."""
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,5 +192,5 @@ def parse_mesh(text: str) -> MeshConfig:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """[batch, seq] arrays: batch over data x fsdp."""
-    return NamedSharding(mesh, P(("data", "fsdp"), None))
+    """[batch, seq] arrays: batch over data x fsdp x expert (RULES['batch'])."""
+    return NamedSharding(mesh, P(BATCH_AXES, None))

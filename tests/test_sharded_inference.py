@@ -49,9 +49,10 @@ def test_weights_and_caches_stay_sharded_and_decode_gathers_no_weight(report, ki
     if kind == "moe":
         assert any("expert" in s for s in r["param_specs"])
     caches = r["cache_specs"]
-    assert caches["KVCache.k"] == "P('data', 'tensor')"           # [batch, kv_heads, seq, head_dim]
-    assert caches["MambaState.ssm"] == "P('data', 'tensor')"      # [batch, mamba_heads, head_dim, state]
-    assert caches["MambaState.conv_x"] == "P('data', None, 'tensor')"
+    # batch over data x expert (the expert axis is data parallel outside the MoE layers)
+    assert caches["KVCache.k"] == "P(('data', 'expert'), 'tensor')"           # [batch, kv_heads, seq, head_dim]
+    assert caches["MambaState.ssm"] == "P(('data', 'expert'), 'tensor')"      # [batch, mamba_heads, head_dim, state]
+    assert caches["MambaState.conv_x"] == "P(('data', 'expert'), None, 'tensor')"
 
 
 def test_chunked_prefill_equals_one_shot():

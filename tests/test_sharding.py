@@ -65,7 +65,7 @@ def test_every_variable_declares_logical_axes(kind):
 def test_inference_caches_declare_their_logical_axes():
     cfg = TINY_MOE.replace(pattern="M*-E")
     graphdef, state = nnx.split(nnx.eval_shape(lambda: NemotronH(cfg, nnx.Rngs(0))))
-    cache = jax.eval_shape(lambda: nnx.merge(graphdef, state).init_cache(4, 32))
+    cache = jax.eval_shape(lambda: nnx.merge(graphdef, state).init_cache(8, 32))
     kinds = set()
     for entry in cache:
         if entry is None:
@@ -74,7 +74,7 @@ def test_inference_caches_declare_their_logical_axes():
         for field in entry._fields:
             axes = entry.LOGICAL_AXES[field]            # one name per dimension (logical_to_spec checks), batch first
             spec = logical_to_spec(axes, getattr(entry, field).shape, MESH)
-            assert not axes or (axes[0] == "batch" and spec[0] == ("data", "fsdp")), (field, spec)
+            assert not axes or (axes[0] == "batch" and spec[0] == ("data", "fsdp", "expert")), (field, spec)
     assert kinds == {"MambaState", "KVCache"}
 
 
@@ -90,7 +90,8 @@ def test_specs_follow_the_rules_and_refuse_undeclared_parameters():
     assert logical_to_spec(("embed", "mamba_heads"), (64, 128), MESH) == P("fsdp", "tensor")
     assert logical_to_spec(("mamba_heads", "embed"), (128, 64), MESH) == P("tensor", "fsdp")
     assert logical_to_spec(("norm",), (64,), MESH) == P(None)
-    assert logical_to_spec(("batch", "seq", "vocab"), (8, 4, 64), MESH) == P(("data", "fsdp"), None, "tensor")
+    assert logical_to_spec(("batch", "seq", "vocab"), (8, 4, 64), MESH) == P(("data", "fsdp", "expert"), None,
+                                                                               "tensor")
     assert logical_to_spec(("embed", "heads"), (64, 6), {"fsdp": 2, "tensor": 4}) == P("fsdp", None)  # 6 % 4
     with pytest.raises(ValueError, match="two dimensions"):
         logical_to_spec(("embed", "embed"), (64, 64), MESH)

@@ -183,15 +183,31 @@ def experts_capacity(x, up, down, routing: Routing, capacity_factor: Optional[fl
     return jnp.zeros((t, down.shape[-1]), F32).at[token].add(y)
 
 
+def _vary(a: jax.Array, axes: tuple) -> jax.Array:
+    """a marked as varying over `axes` (those it does not vary over already) inside a shard_map."""
+    missing = tuple(ax for ax in axes if ax not in jax.typeof(a).manual_axis_type.varying)
+    return jax.lax.pcast(a, missing, to="varying") if missing else a
+
+
 def experts_on_mesh(fn, x, up, down, routing: Routing, check_vma: bool = True) -> jax.Array:
     """fn(x, up, down, routing) -> [t, width] fp32, run per shard when a mesh is set (jax.set_mesh).
 
     Sorting tokens by expert is a global operation for the partitioner: left to GSPMD, every chip would sort
     and hold the whole global batch's expert activations (Nemotron 3 Super's train step asked for 6 TB per
-    chip). Here each data shard routes its own tokens (shard_map over the batch axes): the expert weights are
-    gathered over fsdp at the boundary (as FSDP does for every weight), stay split over 'tensor' (the expert
-    MLP width: partial outputs, summed) and over 'expert' (each expert shard computes its own experts'
-    assignments of the local tokens, the others are marked invalid; outputs summed)."""
+    chip). Here each token shard routes its own tokens (shard_map over the batch axes). The expert weights are
+    gathered over fsdp at the boundary (as FSDP does for every weight) and stay split over 'tensor' (the expert
+    MLP width: partial outputs, summed) and over 'expert' (expert parallelism: each expert shard holds
+    experts / ep of them).
+
+    The batch is split over 'expert' too (sharding.RULES), so outside the MoE the expert axis is data
+    parallel. Inside, every expert shard needs the tokens of its whole expert group:
+        1. all-gather the group's tokens and routing over 'expert': [ep, t, width];
+        2. for each of the ep token blocks in turn (a lax.map whose body is rematerialized, so activation
+           memory is that of one block, as without expert parallelism), compute the assignments that picked this
+           shard's experts; the others are marked invalid (sorted last, never computed by gmm);
+        3. reduce-scatter the [ep, t, width] partial outputs over 'expert': each token block's sum returns to its
+           owner.
+    When the batch does not divide over 'expert' the tokens are replicated over it and step 1 is skipped."""
     mesh = jax.sharding.get_abstract_mesh()
     sizes = {} if mesh.empty else {a: s for a, s in mesh.shape.items() if s > 1}
     if not sizes:
@@ -199,23 +215,39 @@ def experts_on_mesh(fn, x, up, down, routing: Routing, check_vma: bool = True) -
     tokens = logical_to_spec(("batch", None), x.shape, sizes)
     up_spec = logical_to_spec(("experts", None, "expert_mlp"), up.shape, sizes)
     down_spec = logical_to_spec(("experts", "expert_mlp", None), down.shape, sizes)
-    split_experts, split_width = up_spec[0] is not None, up_spec[2] is not None
-    summed = tuple(a for a, on in ((up_spec[0], split_experts), (up_spec[2], split_width)) if on)
+    expert_axis, width_axis = up_spec[0], up_spec[2]
+    token_axes = () if tokens[0] is None else (tokens[0],) if isinstance(tokens[0], str) else tuple(tokens[0])
+    gather = expert_axis is not None and expert_axis in token_axes
+    summed = tuple(a for a in (expert_axis, width_axis) if a is not None)
+
+    def local_routing(weights, experts, scores):
+        if expert_axis is None:
+            return Routing(weights, experts, scores)
+        e = up.shape[0] // sizes[expert_axis]                           # this shard's experts
+        first = jax.lax.axis_index(expert_axis) * e
+        mine = (experts >= first) & (experts < first + e)
+        return Routing(jnp.where(mine, weights, 0.0), jnp.where(mine, experts - first, 0),
+                       jax.lax.dynamic_slice_in_dim(scores, first, e, axis=1), mine)
 
     def local(x, up, down, weights, experts, scores):
+        if gather:                                                      # 1. the expert group's tokens
+            x, weights, experts, scores = (jax.lax.all_gather(a, expert_axis) for a in (x, weights, experts, scores))
         # the local result differs per expert / tensor shard: said explicitly, because jax 0.10.2 otherwise loses
         # the psum in the transpose of x[token] (varying indices into an invariant x): dx came out wrong
         if summed and check_vma:
-            x, weights = (jax.lax.pcast(a, summed, to="varying") for a in (x, weights))
-        routing = Routing(weights, experts, scores)
-        if split_experts:
-            e = up.shape[0]
-            first = jax.lax.axis_index(up_spec[0]) * e
-            mine = (experts >= first) & (experts < first + e)
-            routing = Routing(jnp.where(mine, weights, 0.0), jnp.where(mine, experts - first, 0),
-                              jax.lax.dynamic_slice_in_dim(scores, first, e, axis=1), mine)
-        y = fn(x, up, down, routing)
-        return jax.lax.psum(y, summed) if summed else y
+            x, weights = (_vary(a, summed) for a in (x, weights))
+        if not gather:
+            y = fn(x, up, down, local_routing(weights, experts, scores))
+            return jax.lax.psum(y, summed) if summed else y
+
+        @jax.checkpoint
+        def block(up, down, chunk):                                     # 2. one token block's local assignments
+            x, weights, experts, scores = chunk
+            return fn(x, up, down, local_routing(weights, experts, scores))
+
+        ys = jax.lax.map(lambda chunk: block(up, down, chunk), (x, weights, experts, scores))
+        y = jax.lax.psum_scatter(ys, expert_axis, scatter_dimension=0)   # 3. [t, width] back to each owner
+        return jax.lax.psum(y, width_axis) if width_axis is not None else y
 
     return jax.shard_map(local, in_specs=(tokens, up_spec, down_spec, tokens, tokens, tokens), out_specs=tokens,
                          check_vma=check_vma)(x, up, down, routing.weights, routing.experts, routing.scores)

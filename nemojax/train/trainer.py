@@ -33,7 +33,7 @@ from nemojax.config import ConfigError, ModelConfig, build, check_bounds, check_
 from nemojax.fs import storage_reason
 from nemojax.model import PERSISTENT, NemotronH
 from nemojax.quant.recipe import QuantOptions, apply_precision, rounding_key
-from nemojax.sharding import MeshConfig, batch_sharding, make_mesh, shard_model
+from nemojax.sharding import BATCH_AXES, MeshConfig, batch_sharding, batch_shards, make_mesh, shard_model
 from nemojax.train.checkpoint import Checkpoints
 from nemojax.train.data import Corpus, DataConfig
 from nemojax.train.loss import lm_and_mtp_losses, moe_aux_loss, next_token_ce, update_expert_bias
@@ -335,9 +335,9 @@ class Trainer:
             shard_model(self.opt, self.mesh)
             if self.teacher is not None:
                 shard_model(self.teacher, self.mesh)
-        if cfg.data.batch_size % (self.mesh.shape["data"] * self.mesh.shape["fsdp"]):
-            raise ConfigError(f"batch_size {cfg.data.batch_size} is not divisible by the data x fsdp mesh axes "
-                              f"({self.mesh.shape['data']} x {self.mesh.shape['fsdp']})")
+        if cfg.data.batch_size % batch_shards(self.mesh):
+            raise ConfigError(f"batch_size {cfg.data.batch_size} is not divisible by the data x fsdp x expert mesh "
+                              f"axes ({' x '.join(str(self.mesh.shape[a]) for a in BATCH_AXES)})")
         self.history: list[dict] = []
 
     def _load_teacher(self) -> NemotronH:
@@ -476,7 +476,7 @@ class Trainer:
         return step, data_state
 
     def _global_batch(self, local: np.ndarray) -> jax.Array:
-        """This host's rows [batch / hosts, seq] -> the global [batch, seq] array sharded over data x fsdp."""
+        """This host's rows [batch / hosts, seq] -> the global [batch, seq] array sharded over data x fsdp x expert."""
         return jax.make_array_from_process_local_data(batch_sharding(self.mesh), np.asarray(local))
 
     def _mesh_context(self):
