@@ -110,7 +110,9 @@ def slice_name(generation: str, chips: int) -> str:
 
 
 def mesh_key(mesh: dict) -> str:
-    return ",".join(f"{a}={mesh[a]}" for a in ("data", "fsdp", "tensor", "expert") if mesh.get(a, 1) > 1)
+    from nemojax.sharding import AXES
+
+    return ",".join(f"{a}={mesh[a]}" for a in AXES if mesh.get(a, 1) > 1)
 
 
 def load_results(path: str) -> dict:

@@ -85,6 +85,11 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Optional[list] = None) ->
     return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
 
+def entry_axes(entry) -> tuple:
+    """The mesh axes of one PartitionSpec entry (None, an axis name or a tuple of them) as a tuple."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def logical_to_spec(logical: tuple, shape: tuple, mesh_axes: dict) -> P:
     """PartitionSpec of an array with logical axes `logical` on a mesh of {axis: size}: each dimension takes the
     mesh axes RULES gives it that exist, have size > 1 and together divide it (otherwise it is replicated)."""
@@ -97,7 +102,7 @@ def logical_to_spec(logical: tuple, shape: tuple, mesh_axes: dict) -> P:
         kept = tuple(a for a in RULES.get(name) or () if mesh_axes.get(a, 1) > 1)
         size = math.prod(mesh_axes[a] for a in kept)
         spec.append((kept if len(kept) > 1 else kept[0]) if kept and dim % size == 0 else None)
-    used = [a for entry in spec if entry for a in ((entry,) if isinstance(entry, str) else entry)]
+    used = [a for entry in spec for a in entry_axes(entry)]
     if len(used) != len(set(used)):
         raise ValueError(f"logical axes {logical} put a mesh axis on two dimensions: {P(*spec)}")
     return P(*spec)

@@ -16,6 +16,7 @@ from compile_helpers import need_libtpu
 from nemojax import aot
 from nemojax.config import ConfigError, ModelConfig
 from nemojax.model import abstract_model
+from nemojax.sharding import MeshConfig
 from pallas_kernels import aot as kernel_aot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,6 +112,14 @@ def test_cli_bad_topology_is_one_line():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("nemojax compile: error: --topology 'v5p-12'")
+
+
+def test_train_batch_must_divide_over_the_expert_axis_too():
+    """The expert axis is data parallel outside the MoE layers: a train batch splits over data x fsdp x expert."""
+    need_libtpu()
+    cfg = ModelConfig.from_yaml(os.path.join(ROOT, "configs", "tiny_moe.yaml"))
+    with pytest.raises(ConfigError, match=r"--batch 2 is not divisible by the data x fsdp x expert mesh axes \(4\)"):
+        aot.compile_plan(cfg, "v5p-8", MeshConfig(data=1, fsdp=2, expert=2), batch=2, seq_len=64)
 
 
 def test_cli_prefill_compiles_chunked_on_a_moe_mesh():

@@ -33,7 +33,7 @@ from flax import nnx
 from nemojax.config import ModelConfig
 from nemojax.layers.common import Mode, linear, mask_value, output_init_std, param, record
 from nemojax.layers.mlp import MLP, relu2
-from nemojax.sharding import logical_to_spec
+from nemojax.sharding import entry_axes, logical_to_spec
 
 F32 = jnp.float32
 
@@ -216,8 +216,7 @@ def experts_on_mesh(fn, x, up, down, routing: Routing, check_vma: bool = True) -
     up_spec = logical_to_spec(("experts", None, "expert_mlp"), up.shape, sizes)
     down_spec = logical_to_spec(("experts", "expert_mlp", None), down.shape, sizes)
     expert_axis, width_axis = up_spec[0], up_spec[2]
-    token_axes = () if tokens[0] is None else (tokens[0],) if isinstance(tokens[0], str) else tuple(tokens[0])
-    gather = expert_axis is not None and expert_axis in token_axes
+    gather = expert_axis is not None and expert_axis in entry_axes(tokens[0])
     summed = tuple(a for a in (expert_axis, width_axis) if a is not None)
 
     def local_routing(weights, experts, scores):
