@@ -23,6 +23,7 @@ import re
 import shutil
 import socket
 import tempfile
+import time
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "chat_template.jinja")
@@ -130,17 +131,33 @@ def replace_directory(target: str, force: bool = False, sources: tuple = ()):
         normal_permissions(tmp)
         old = _swap_in(tmp, target)
     except _Stranded as e:                                      # the undo failed: say where the old copy is
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)
         raise OSError(f"writing {target} failed ({e})") from e
     except OSError as e:                                        # disk full, permissions: one line, nothing lost
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)
         kept = f"{target} is unchanged" if os.path.exists(target) else "nothing was written"
         raise OSError(f"writing {target} failed ({storage_reason(e)}); {kept}") from e
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)
         raise
     if old:
         shutil.rmtree(old, ignore_errors=True)                  # the replaced copy
+
+
+def remove_tree(path: str, settle: float = 0.25, timeout: float = 30.0) -> bool:
+    """Removes the directory `path` and keeps removing it until it has stayed absent for `settle` seconds (at
+    most `timeout`): a storage library whose write failed can still have writes in flight on its own threads
+    (Orbax's other arrays: tensorstore creates their directories again), which a single rmtree leaves behind.
+    Returns whether path is gone; a temporary still there at the timeout is logged (the next write of the
+    same target sweeps it once this process has exited)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        shutil.rmtree(path, ignore_errors=True)
+        time.sleep(settle if not os.path.lexists(path) else 0.05)
+        if not os.path.lexists(path):
+            return True
+    logger.warning("could not remove %s: something is still writing into it", path)
+    return False
 
 
 def _writing_prefix(target: str) -> str:

@@ -178,6 +178,27 @@ def test_a_full_disk_leaves_the_old_copy_whole(dirs, tmp_path, direction):
     np.testing.assert_array_equal(logits(reload(str(target))), logits(old))
 
 
+def test_a_failed_write_is_removed_even_while_its_library_still_writes(tmp_path):
+    """Orbax raises on the first failed array while tensorstore still writes the others on its own threads;
+    they create their directories again after a single rmtree (a CI run left `.NAME.writing-*` behind this
+    way). The temporary is removed once the late writes have landed, and the error still names the target."""
+    from nemojax.fs import replace_directory
+
+    target, late_write = tmp_path / "m", threading.Event()
+
+    def still_writing(tmp):
+        time.sleep(0.1)                                   # after the failure has been raised
+        os.makedirs(os.path.join(tmp, "params", "ocdbt.process_0", "d"))
+        open(os.path.join(tmp, "params", "ocdbt.process_0", "d", "late"), "wb").write(b"x")
+        late_write.set()
+
+    with pytest.raises(OSError, match=f"writing {target} failed .*nothing was written"):
+        with replace_directory(str(target)) as tmp:
+            threading.Thread(target=still_writing, args=(tmp,)).start()
+            raise OSError(27, "File too large")
+    assert late_write.wait(10) and os.listdir(tmp_path) == []
+
+
 def test_files_are_written_with_normal_permissions(dirs):
     umask = os.umask(0)
     os.umask(umask)
