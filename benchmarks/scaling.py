@@ -42,9 +42,9 @@ CASES = {"train": ("train", None), "decode1": ("decode", 1), "decode32": ("decod
 
 
 NOTES = [
-    "- Compiled train rows: see the table's \"compiled\" column, with the mesh each compiled on (8B and 56B were "
-    "compiled unrolled, before scan_layers; the others scanned). MoE train rows compile with expert parallelism "
-    "(plan_mesh: fsdp x expert, the batch split over both) and experts through gmm. Train steps take 3-13 "
+    "- Compiled train rows: see the table's \"compiled\" column, with the mesh each compiled on (8B on v5p and 56B "
+    "were compiled unrolled, before scan_layers; the others scanned). MoE train rows compile with expert parallelism "
+    "(plan_mesh: fsdp x expert, the batch split over both) and experts through gmm. Train steps take 4-16 "
     "minutes to compile on the 2-core host (benchmarks/compile_time.md), so rows without a compiled slice are "
     "plans.",
     "- MoE train steps and expert parallelism. Nemotron 3 Super's train step with pure FSDP asked 124 GB per "
@@ -57,6 +57,8 @@ NOTES = [
     "- Super on v6e: no slice is compiled. Per-chip temporaries of one 8192-token sequence (~45 GB on v5p) "
     "exceed v6e's 31.25 GB whatever the slice; it needs the sequence or the MLP width split (tensor "
     "parallelism), which this planner does not try.",
+    "- Nemotron 3 Nano on v6e: v6e-32 (fsdp=8, expert=4) asked 33.9 GB per chip against 31.25 GB; v6e-64 "
+    "(fsdp=8, expert=8) fits at 27.1 GB. 47B on v6e: the planned v6e-256 is not compiled yet.",
     "- 56B on v6e: no slice up to v6e-256 fits with FSDP alone (one 8192-token sequence per chip needs ~24 GB "
     "of activations and logits); tensor parallelism or sequence sharding would be needed and is not planned here.",
     "- MFU \"n/a\": the compiler's FLOP count of the partitioned program came out below the model FLOPs (scanned "

@@ -384,10 +384,10 @@ def _read_params(layout: list[HFTensor], found: dict, abstract_state, mesh, stat
                 ours = tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
                 key = tuple((s.start, s.stop) for s in ours)
                 if key not in done:          # replicated blocks: read once per process
-                    if parts[0][1].index is None:
-                        out = read(*parts[0], ours).astype(dtype)
+                    if parts[0][1].index is None:     # one copy: transposed, cast and contiguous at once
+                        out = np.ascontiguousarray(read(*parts[0], ours), dtype=dtype)
                     else:                    # stacked experts: ours[e] comes from expert e's tensor
-                        out = np.stack([read(*parts[e], ours[1:]).astype(dtype) for e in range(*key[0])])
+                        out = np.stack([read(*parts[e], ours[1:]) for e in range(*key[0])]).astype(dtype, copy=False)
                     done[key] = out
                 return done[key]
 
