@@ -58,7 +58,8 @@ NOTES = [
     "exceed v6e's 31.25 GB whatever the slice; it needs the sequence or the MLP width split (tensor "
     "parallelism), which this planner does not try.",
     "- Nemotron 3 Nano on v6e: v6e-32 (fsdp=8, expert=4) asked 33.9 GB per chip against 31.25 GB; v6e-64 "
-    "(fsdp=8, expert=8) fits at 27.1 GB. 47B on v6e: the planned v6e-256 is not compiled yet.",
+    "(fsdp=8, expert=8) fits at 27.1 GB. 47B on v6e: the planned v6e-256 (fsdp=256) asked 43.2 GB per chip "
+    "(the plan said 28.7); like 56B it needs tensor parallelism or sequence sharding on v6e.",
     "- 56B on v6e: no slice up to v6e-256 fits with FSDP alone (one 8192-token sequence per chip needs ~24 GB "
     "of activations and logits); tensor parallelism or sequence sharding would be needed and is not planned here.",
     "- MFU \"n/a\": the compiler's FLOP count of the partitioned program came out below the model FLOPs (scanned "
