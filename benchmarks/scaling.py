@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nemojax.aot import CHIPS, H100, Chip, Topology, model_flops  # noqa: E402
 from nemojax.config import ModelConfig  # noqa: E402
 from nemojax.convert.hf import param_count  # noqa: E402
+from nemojax.sharding import AXES  # noqa: E402
 
 HEADROOM = 0.9                      # a plan must leave 10% of HBM for the runtime and fragmentation
 TRAIN_SEQ, GLOBAL_BATCH = 8192, 768
@@ -113,8 +114,6 @@ def slice_name(generation: str, chips: int) -> str:
 
 
 def mesh_key(mesh: dict) -> str:
-    from nemojax.sharding import AXES
-
     return ",".join(f"{a}={mesh[a]}" for a in AXES if mesh.get(a, 1) > 1)
 
 

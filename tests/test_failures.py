@@ -22,6 +22,7 @@ from nemojax import load_hf, load_orbax, save_hf, save_orbax
 from nemojax.cli import main
 from nemojax.config import ConfigError, ModelConfig
 from nemojax.convert.hf import CheckpointError
+from nemojax.fs import replace_directory
 from nemojax.generate import generate, stream_generate
 from nemojax.model import NemotronH
 from nemojax.speculative import speculative_generate
@@ -182,8 +183,6 @@ def test_a_failed_write_is_removed_even_while_its_library_still_writes(tmp_path)
     """Orbax raises on the first failed array while tensorstore still writes the others on its own threads;
     they create their directories again after a single rmtree (a CI run left `.NAME.writing-*` behind this
     way). The temporary is removed once the late writes have landed, and the error still names the target."""
-    from nemojax.fs import replace_directory
-
     target, late_write = tmp_path / "m", threading.Event()
 
     def still_writing(tmp):
