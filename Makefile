@@ -3,25 +3,28 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+# constraints.txt: the exact versions CI tests (a new release of a reference library such as transformers must not
+# change CI's answer unannounced). pyproject.toml keeps the open ranges users install with; `make lock` refreshes it.
+PIP_INSTALL := $(PIP) install -q -c constraints.txt
 # The CPU build of torch lies on this machine's disk; installing it before the `hf` extra keeps CI fast.
 TORCH_CPU ?= torch==2.13.0
 PYTEST_ARGS ?= -n 2
 
-.PHONY: demo test notebooks bench lint clean
+.PHONY: demo test notebooks bench lint lock clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-$(VENV)/.installed: $(PY) pyproject.toml
-	$(PIP) install -q -e .
+$(VENV)/.installed: $(PY) pyproject.toml constraints.txt
+	$(PIP_INSTALL) -e .
 	touch $@
 
 # tpu: libtpu (~200 MB), so the tests compile the kernels for real TPUs ahead of time on this host;
 # eval: lm-evaluation-harness, whose transformers backend the adapter is compared with
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP) install -q $(TORCH_CPU)
-	$(PIP) install -q -e ".[dev,hf,tpu,eval]"
+	$(PIP_INSTALL) $(TORCH_CPU)
+	$(PIP_INSTALL) -e ".[dev,hf,tpu,eval]"
 	touch $@
 
 demo: $(VENV)/.installed
@@ -44,6 +47,11 @@ bench: $(VENV)/.installed-dev
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check nemojax pallas_kernels tests benchmarks
+
+# after upgrading packages in .venv deliberately (and `make test` passing): pin what is installed now
+lock: $(VENV)/.installed-dev
+	{ sed -n '1,/^$$/p' constraints.txt; $(PIP) freeze --exclude-editable | sed 's/+cpu$$//'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache checkpoints

@@ -545,8 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dst", help="the directory to write (written whole, then swapped in)")
     c.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="parameter dtype of the output (default: float32 for Orbax, as saved for HF)")
-    c.add_argument("--dt-clamp", choices=["hf", "none"], default="hf",
-                   help="'hf' reproduces transformers (dt >= time_step_min in prefill); 'none' is NVIDIA's reference")
+    c.add_argument("--dt-clamp", choices=["hf", "none"], default="none",
+                   help="'none': NVIDIA's reference and transformers >= 5.25; 'hf' reproduces transformers 5.0-5.24 "
+                   "(dt >= time_step_min in prefill)")
     c.add_argument("--max-shard-size", default="5GB", help="orbax-to-hf: largest safetensors file")
     c.add_argument("--mesh", default=None, help="read each tensor straight into its shards on a device mesh, e.g. "
                    "fsdp=-1 (host memory then holds one tensor block, not the model)")

@@ -86,7 +86,7 @@ def check_choices(obj, section: str) -> None:
 class RuntimeOptions:
     """How the model is executed: dtypes, implementations and conventions. None of it changes the checkpoint layout.
     The implementations compute the same function up to rounding, except that moe_capacity_factor may drop
-    expert assignments and dt_clamp picks transformers' or NVIDIA's treatment of small dt."""
+    expert assignments and dt_clamp may add the floor on small dt that transformers 5.0-5.24 applied."""
 
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"        # compute dtype
     param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -100,9 +100,9 @@ class RuntimeOptions:
     # TRAIN forward: repeated units of the layer pattern as one lax.scan each (layers/block.py scan_plan);
     # compile time then follows the number of distinct units instead of depth. Same parameters and function.
     scan_layers: bool = False
-    # "none": NVIDIA's reference (mamba_ssm, Megatron, vLLM): dt only limited by time_step_limit.
-    # "hf": transformers 5.x, which also clamps dt >= time_step_min on its chunked path (here TRAIN, PREFILL,
-    # EXTEND forwards; not DECODE or speculative VERIFY).
+    # "none": dt only limited by time_step_limit, as NVIDIA's reference (mamba_ssm, Megatron, vLLM) and
+    # transformers >= 5.25 do. "hf": transformers 5.0-5.24, which also floored dt at time_step_min on its
+    # chunked path (here TRAIN, PREFILL, EXTEND forwards; not DECODE or speculative VERIFY).
     dt_clamp: Literal["none", "hf"] = "none"
 
     def __post_init__(self):
@@ -307,14 +307,14 @@ class ModelConfig:
         return cls.from_hf_dict(data, **overrides)
 
     @classmethod
-    def from_hf_dict(cls, hf: dict, dt_clamp: str = "hf", **overrides) -> "ModelConfig":
+    def from_hf_dict(cls, hf: dict, dt_clamp: str = "none", **overrides) -> "ModelConfig":
         """Maps an HF NemotronHConfig dict (new or legacy keys) to ModelConfig.
 
-        dt_clamp defaults to "hf" so a converted checkpoint reproduces transformers' logits; pass "none" for
-        NVIDIA's reference behaviour. overrides: fields or runtime options by name, or runtime= (a mapping is
-        merged, a RuntimeOptions replaces every runtime option). Keys that HF writes but the forward does not use
-        are ignored; keys we do not recognise are logged, not fatal, as HF adds generic keys from release to
-        release.
+        dt_clamp "none" (the default) is the reference behaviour of NVIDIA's code and of transformers >= 5.25;
+        "hf" reproduces transformers 5.0-5.24, which floored dt at time_step_min. overrides: fields or runtime
+        options by name, or runtime= (a mapping is merged, a RuntimeOptions replaces every runtime option). Keys
+        that HF writes but the forward does not use are ignored; keys we do not recognise are logged, not fatal,
+        as HF adds generic keys from release to release.
         """
         hf = dict(hf)
         model_type = hf.get("model_type")

@@ -45,11 +45,13 @@ def save_hf_model(model, directory) -> str:
 
 
 def hf_logits(model, ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+    """transformers' logits of one forward without a cache (use_cache=False: transformers 5.25's DynamicCache
+    fails on a pattern whose first layer keeps no cache, e.g. 'ME*E-M')."""
     import torch
 
     with torch.no_grad():
         mask = None if attention_mask is None else torch.from_numpy(attention_mask)
-        return model(torch.from_numpy(ids).long(), attention_mask=mask).logits.float().numpy()
+        return model(torch.from_numpy(ids).long(), attention_mask=mask, use_cache=False).logits.float().numpy()
 
 
 def random_ids(vocab: int, batch: int, seq: int, seed: int = 0) -> np.ndarray:

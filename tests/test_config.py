@@ -47,7 +47,7 @@ def test_legacy_hf_keys_are_read():
     assert (cfg.pattern, cfg.n_groups, cfg.head_dim, cfg.layer_norm_epsilon, cfg.conv_kernel,
             cfg.runtime.chunk_size) == ("M-*", 2, 16, 1e-6, 3, 64)
     assert cfg.mamba_proj_bias is True and cfg.time_step_limit == (0.0, float("inf"))
-    assert cfg.runtime.dt_clamp == "hf"  # default when loading from HF, so converted models reproduce transformers
+    assert cfg.runtime.dt_clamp == "none"  # the default: NVIDIA's reference and transformers >= 5.25
 
 
 def test_layers_block_type_list_with_new_and_legacy_names():

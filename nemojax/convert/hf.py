@@ -289,12 +289,13 @@ def _abbreviate(names: list[str], limit: int = 40) -> str:
     return str(names) if len(names) <= limit else f"{names[:limit]} ... and {len(names) - limit} more"
 
 
-def load_hf(directory: str, dtype: str = "float32", dt_clamp: str = "hf", mesh=None, stats: Optional[dict] = None,
+def load_hf(directory: str, dtype: str = "float32", dt_clamp: str = "none", mesh=None, stats: Optional[dict] = None,
             **config_overrides) -> NemotronH:
     """Loads an HF NemotronH checkpoint directory (config.json + safetensors) into a NemotronH model.
 
     dtype sets both parameter and compute dtype ('float32' or 'bfloat16'); SSM math stays in fp32.
-    dt_clamp='hf' reproduces transformers' logits; 'none' gives NVIDIA's reference behaviour.
+    dt_clamp='none' (the default) is NVIDIA's reference behaviour, which transformers >= 5.25 also follows;
+    'hf' reproduces transformers 5.0-5.24, which floored dt at time_step_min.
     mesh: place every parameter on the mesh by its logical axes; each process reads only the safetensors byte
     ranges of the shards its devices hold (multi-host: every process calls load_hf). stats (a dict) receives
     bytes_read by this process and checkpoint_bytes. directory may be a Hub id (`org/name`) in the local

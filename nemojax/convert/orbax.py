@@ -161,7 +161,7 @@ def _flatten(tree: dict, prefix: tuple = ()) -> dict:
     return out
 
 
-def hf_to_orbax(src: str, dst: str, dtype: str = "float32", force: bool = False, dt_clamp: str = "hf",
+def hf_to_orbax(src: str, dst: str, dtype: str = "float32", force: bool = False, dt_clamp: str = "none",
                 mesh=None) -> None:
     """mesh: each tensor is read straight into its shards on the mesh's devices (host memory: one block)."""
     check_writable_target(dst, force, sources=(src,))     # before the (long) load

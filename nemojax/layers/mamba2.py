@@ -120,7 +120,7 @@ class Mamba2Mixer(nnx.Module):
 
     def discretize_dt(self, dt_raw: jax.Array, mode: Mode) -> jax.Array:
         """dt = softplus(dt_raw + dt_bias) in fp32, limited by time_step_limit; with dt_clamp='hf' also floored
-        at time_step_min on TRAIN, PREFILL and EXTEND forwards, as transformers 5.x does on its chunked path."""
+        at time_step_min on TRAIN, PREFILL and EXTEND forwards, as transformers 5.0-5.24 did on its chunked path."""
         cfg = self.cfg
         dt = jax.nn.softplus(dt_raw.astype(F32) + self.dt_bias[...].astype(F32))
         lo, hi = cfg.time_step_limit
