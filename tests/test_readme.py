@@ -1,7 +1,8 @@
 """README.md, followed as a new user follows it: every ```bash and ```python block, top to bottom, in one fresh
 directory, after `make demo` (the Makefile's demo recipe). ```text blocks are synopses and are not run. The only
 change is size: every `nemojax train` gets SHRINK appended (later overrides win), so the runs take seconds; each
-command must succeed and each training run must actually train (its run directory holds a model)."""
+command must succeed and each training run must actually train (its run directory holds a model). `nemojax eval`
+and `nemojax prune` get SHRINK_FLAGS appended likewise (argparse keeps the last value)."""
 
 import os
 import re
@@ -15,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 SHRINK = ("train.steps=6", "train.save_every=3", "train.eval_every=3", "train.eval_batches=1", "train.log_every=3",
           "train.data.seq_len=32", "train.data.batch_size=2", "train.optim.warmup_steps=2")
+SHRINK_FLAGS = {"eval": ("--max-tokens", "2048"), "prune": ("--calib-tokens", "1024")}
 
 
 def fenced_blocks(text: str) -> list[tuple[str, str]]:
@@ -43,6 +45,8 @@ def demo_recipe() -> list[list[str]]:
 def run(argv: list[str], cwd: str) -> None:
     if argv[0] == "nemojax" and argv[1] == "train":
         argv = [*argv, *SHRINK]
+    elif argv[0] == "nemojax" and argv[1] in SHRINK_FLAGS:
+        argv = [*argv, *SHRINK_FLAGS[argv[1]]]
     env = dict(os.environ, JAX_PLATFORMS="cpu", PATH=BIN + os.pathsep + os.environ["PATH"])
     proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, f"{shlex.join(argv)} failed:\n{proc.stderr[-3000:]}"
@@ -53,6 +57,7 @@ def run(argv: list[str], cwd: str) -> None:
         assert "nothing to train" not in proc.stderr, f"{shlex.join(argv)} trained nothing:\n{proc.stderr}"
 
 
+@pytest.mark.slow
 def test_readme_blocks_run_in_order(tmp_path, monkeypatch):
     blocks = fenced_blocks(open(os.path.join(ROOT, "README.md")).read())
     assert {lang for lang, _ in blocks} <= {"bash", "python", "text"}, "a block in an unknown language"
