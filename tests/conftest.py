@@ -34,13 +34,6 @@ def corpus():
     return Corpus(load_run_config("configs/tiny.yaml", SMALL)[1].data)
 
 
-def pytest_collection_modifyitems(config, items):
-    """The slow tests (minutes each) first, so the xdist workers start on them together instead of one worker
-    finishing the last of them alone; the rest keep their order. Only tests without costly module fixtures are
-    marked slow, as moving a test ahead of its module sets such fixtures up twice."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
 def pytest_unconfigure(config):
     if os.environ.get("NEMOJAX_TEST_OWNS_XLA_CACHE") == str(os.getpid()):
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

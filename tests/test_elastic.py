@@ -148,7 +148,6 @@ def test_nemojax_elastic_train_and_extract(tmp_path, capsys):
         np.testing.assert_array_equal(np.asarray(var.get_value()), np.asarray(want[path].get_value()))
 
 
-@pytest.mark.slow
 def test_nemojax_train_with_elastic_budgets_resumes_exactly_and_exports_an_elastic_run(tmp_path, corpus):
     """train.elastic.budgets through the Trainer: its data, checkpoints (router and its optimizer included) and
     export. A run interrupted after 3 steps and resumed equals one that ran straight through; the export is an

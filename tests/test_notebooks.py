@@ -27,8 +27,7 @@ def test_the_notebooks_are_the_ones_documented():
         assert "<org>" not in source and "NEMOJAX_SOURCE" in source, path
 
 
-@pytest.mark.parametrize("path", [pytest.param(p, marks=[pytest.mark.slow] if os.path.basename(p)[:-6] in ONCE else [])
-                                  for p in NOTEBOOKS], ids=lambda p: os.path.basename(p)[:-6])
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: os.path.basename(p)[:-6])
 def test_notebook_runs_top_to_bottom_twice(path, tmp_path, monkeypatch):
     name = os.path.basename(path)[:-6]
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")

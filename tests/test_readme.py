@@ -57,7 +57,6 @@ def run(argv: list[str], cwd: str) -> None:
         assert "nothing to train" not in proc.stderr, f"{shlex.join(argv)} trained nothing:\n{proc.stderr}"
 
 
-@pytest.mark.slow
 def test_readme_blocks_run_in_order(tmp_path, monkeypatch):
     blocks = fenced_blocks(open(os.path.join(ROOT, "README.md")).read())
     assert {lang for lang, _ in blocks} <= {"bash", "python", "text"}, "a block in an unknown language"
