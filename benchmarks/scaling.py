@@ -8,15 +8,18 @@ roofline tokens/s and MFU. Writes docs/scaling.md.
 Two sources, kept apart in the table:
   plan      per-chip memory arithmetic (below): parameters, gradients and AdamW state sharded over every chip
             (FSDP), activations of a block-remat train step, KV cache and Mamba state at full context. It picks the
-            smallest slice whose estimate is under 90% of the chip's HBM. Instant; an estimate.
+            smallest slice whose estimate is under 90% of the chip's HBM, and on it the smallest tensor-parallel
+            size (train: 1, 2, 4, 8; with sequence parallelism a sequence's activations split over it). Instant;
+            an estimate.
   compiled  `nemojax compile` (nemojax.aot.compile_plan) of that step on that slice: the TPU compiler's own
-            per-chip memory, FLOPs and the roofline. --compile compiles each planned row (the smallest planned
-            slice, then the next size up while it does not fit) until --budget-minutes is spent; results
-            accumulate in --results across runs, so the table fills in as more is compiled.
+            per-chip memory, FLOPs and the roofline. --compile compiles each planned row (the planned slice and
+            mesh, then the next larger tensor axis or slice while it does not fit) until --budget-minutes is
+            spent; results accumulate in --results across runs, so the table fills in as more is compiled.
 
 H100 count: the same per-device arithmetic with 80 GB devices (GPU rows are never compiled here).
 Train: global batch 768 x 8192 tokens (the Megatron-Bridge recipes' GBS) reached with gradient accumulation over
-per-step batches of one sequence per chip (capped at 768); remat=block; AdamW fp32 state; bf16 compute.
+per-step batches of one sequence per data shard (chips / tensor, capped at 768); remat=block; AdamW fp32 state;
+bf16 compute. Mesh: fsdp over the chips a tensor group does not take (MoE: fsdp x expert).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from nemojax.sharding import AXES  # noqa: E402
 HEADROOM = 0.9                      # a plan must leave 10% of HBM for the runtime and fragmentation
 TRAIN_SEQ, GLOBAL_BATCH = 8192, 768
 EXPERT_PARALLEL = 8                 # MoE train steps: experts split at most 8 ways (plan_mesh)
+TENSOR_PARALLEL = (1, 2, 4, 8)      # train steps: tensor-parallel sizes the plan tries, smallest first
 CONTEXT = {"nemotron3_nano_30b_a3b": 1048576}      # beyond config.json's max_position_embeddings (Nemotron 3: 1M)
 CASES = {"train": ("train", None), "decode1": ("decode", 1), "decode32": ("decode", 32)}
 
@@ -55,14 +59,20 @@ NOTES = [
     "gathers its expert group's tokens and computes its own experts' assignments, one token block at a time) "
     "it fits v5p-128 on fsdp=8, expert=8: 78.7 GB per chip (temporaries 44.6 GB). Nemotron 3 Nano fits v5p-16 "
     "on fsdp=4, expert=2 (89.9 GB; with pure FSDP v5p-16 asked 103.6 GB and v5p-32 was the smallest).",
-    "- Super on v6e: no slice is compiled. Per-chip temporaries of one 8192-token sequence (~45 GB on v5p) "
-    "exceed v6e's 31.25 GB whatever the slice; it needs the sequence or the MLP width split (tensor "
-    "parallelism), which this planner does not try.",
+    "- Tensor and sequence parallelism (sharding.RULES['act_seq']: the residual stream's positions split over "
+    "'tensor' between blocks). With FSDP alone every chip holds one whole 8192-token sequence's activations, "
+    "which more chips do not shrink: 47B asked 43.2 GB per chip on v6e-256 (fsdp=256), 56B did not fit any v6e "
+    "slice. With tensor=4, 47B fits v6e-64 (fsdp=16) at 25.0 GB per chip (temporaries 15.9 GB) and 56B fits "
+    "v6e-64 (fsdp=16) at 33.0 GB of the 33.6 GB the compiler allows (temporaries 21.9 GB): a thin margin; "
+    "tensor=8 or v6e-128 would leave more (not compiled). Nemotron 3 Super fits v6e-128 on fsdp=2, tensor=8, "
+    "expert=8 at 33.0 GB per chip, again thin (temporaries 15.0 GB; parameters 5.8 GB: the non-expert weights "
+    "split 16 ways only); 30 minutes to compile on the 2-core host.",
+    "- Planned rows with a tensor axis on a smaller slice than the compiled FSDP row (e.g. Nano 2 12B on v6e-8 "
+    "with tensor=8 against v6e-32 compiled) are not compiled yet: the compiled column is the smallest slice "
+    "verified so far. The plan's arithmetic came within about 25% of the compiled per-chip bytes for the "
+    "compiled dense rows (it leaves 10% headroom).",
     "- Nemotron 3 Nano on v6e: v6e-32 (fsdp=8, expert=4) asked 33.9 GB per chip against 31.25 GB; v6e-64 "
-    "(fsdp=8, expert=8) fits at 27.1 GB. 47B on v6e: the planned v6e-256 (fsdp=256) asked 43.2 GB per chip "
-    "(the plan said 28.7); like 56B it needs tensor parallelism or sequence sharding on v6e.",
-    "- 56B on v6e: no slice up to v6e-256 fits with FSDP alone (one 8192-token sequence per chip needs ~24 GB "
-    "of activations and logits); tensor parallelism or sequence sharding would be needed and is not planned here.",
+    "(fsdp=8, expert=8) fits at 27.1 GB.",
     "- MFU \"n/a\": the compiler's FLOP count of the partitioned program came out below the model FLOPs (scanned "
     "steps count a loop body once), so the roofline is the model FLOPs at peak and says nothing about utilisation.",
 ]
@@ -72,19 +82,27 @@ def context(name: str, cfg: ModelConfig) -> int:
     return CONTEXT.get(name, cfg.max_position_embeddings)
 
 
-def estimate_bytes(cfg: ModelConfig, step: str, chips: int, batch: int, seq: int) -> dict:
+def estimate_bytes(cfg: ModelConfig, step: str, chips: int, batch: int, seq: int, tensor: int = 1) -> dict:
     """Per-device bytes of one step with everything sharded over `chips` devices (FSDP for weights and state,
-    the batch over chips where it divides). Rough by design: the compiled rows are the truth."""
+    the batch over chips / tensor where it divides, and a sequence's train activations over `tensor`: tensor
+    and sequence parallelism). Rough by design: the compiled rows are the truth."""
     n = param_count(cfg)
     d, layers = cfg.hidden_size, cfg.num_layers
-    rows = batch / chips if batch >= chips else batch          # rows held per device (replicated below chips)
+    shards = chips // tensor
+    rows = batch / shards if batch >= shards else batch          # rows held per data shard
     if step == "train":
-        tokens = rows * seq
+        tokens = rows * seq / tensor
         widest = max(cfg.mamba_in_proj_dim, 2 * cfg.intermediate_size,
                      2 * cfg.num_experts_per_tok * cfg.moe_intermediate_size)
+        # the SSD of one Mamba layer recomputed in the backward pass: fp32 chunk states [chunks, heads, P, N] and
+        # intra-chunk scores [chunks, heads, L, L], about three live copies
+        chunk = cfg.runtime.chunk_size
+        ssd = 12 * cfg.mamba_num_heads * (cfg.mamba_head_dim * cfg.ssm_state_size / chunk + chunk)
         return {"state": 16 * n / chips,                                   # fp32 weights, grads, Adam m and v
+                "scan_stack": 2 * n / chips * cfg.runtime.scan_layers,     # bf16 stacked copy (layers/block.py)
                 "activations": tokens * (2 * d * layers                    # bf16 block inputs kept by remat
                                          + 4 * widest * 2                  # one block's recompute working set
+                                         + ssd * ("M" in cfg.pattern)
                                          + 2 * 4 * cfg.vocab_size)}        # fp32 logits and their gradient
     kv = 2 * cfg.pattern.count("*") * cfg.num_key_value_heads * cfg.head_dim * seq * 2
     ssm = cfg.pattern.count("M") * (cfg.mamba_num_heads * cfg.mamba_head_dim * cfg.ssm_state_size * 4
@@ -97,16 +115,34 @@ def slices(chip: Chip) -> list[int]:
     return sorted(chip.shapes) if chip.shapes else [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
 
 
+def tensor_sizes(cfg: ModelConfig, step: str, chips: int) -> list[int]:
+    """Tensor-parallel sizes a row may use on `chips`: train steps try TENSOR_PARALLEL where the size divides
+    the chips left after the expert axis and every tensor-sharded width of the model (heads, KV heads, Mamba
+    heads and groups, MLP and expert widths, vocabulary), so each splits evenly; inference rows keep FSDP."""
+    if step != "train":
+        return [1]
+    widths = [cfg.num_attention_heads, cfg.num_key_value_heads, cfg.mamba_num_heads, cfg.n_groups,
+              cfg.intermediate_size, cfg.vocab_size] + ([cfg.moe_intermediate_size] if cfg.n_routed_experts else [])
+    return [t for t in TENSOR_PARALLEL if chips % (t * expert_size(cfg, step, chips)) == 0
+            and all(w % t == 0 for w in widths if w)]
+
+
+def train_batch(chips: int, tensor: int) -> int:
+    """Sequences per train step: one per data shard (a tensor group), at most the global batch."""
+    return min(chips // tensor, GLOBAL_BATCH)
+
+
 def plan_row(name: str, cfg: ModelConfig, case: str, chip: Chip) -> dict:
     step, batch = CASES[case]
     seq = TRAIN_SEQ if step == "train" else context(name, cfg)
     for chips in slices(chip):
-        b = min(chips, GLOBAL_BATCH) if step == "train" else batch
-        parts = estimate_bytes(cfg, step, chips, b, seq)
-        if sum(parts.values()) <= HEADROOM * chip.hbm_bytes:
-            return {"chips": chips, "batch": b, "seq_len": seq, "estimate_bytes": int(sum(parts.values())),
-                    "estimate": {k: int(v) for k, v in parts.items()}}
-    return {"chips": None, "batch": batch, "seq_len": seq}
+        for tensor in tensor_sizes(cfg, step, chips):
+            b = train_batch(chips, tensor) if step == "train" else batch
+            parts = estimate_bytes(cfg, step, chips, b, seq, tensor)
+            if sum(parts.values()) <= HEADROOM * chip.hbm_bytes:
+                return {"chips": chips, "tensor": tensor, "batch": b, "seq_len": seq,
+                        "estimate_bytes": int(sum(parts.values())), "estimate": {k: int(v) for k, v in parts.items()}}
+    return {"chips": None, "tensor": 1, "batch": batch, "seq_len": seq}
 
 
 def slice_name(generation: str, chips: int) -> str:
@@ -127,25 +163,42 @@ def load_results(path: str) -> dict:
     return out
 
 
-def plan_mesh(cfg: ModelConfig, step: str, chips: int) -> dict:
-    """The mesh a row compiles on: FSDP over every chip, and for MoE train steps fsdp x expert with the expert
-    axis about the square root of the chips, at most EXPERT_PARALLEL (the batch splits over both: the expert
-    axis is data parallel outside the MoE layers; non-expert weights are sharded over fsdp only, so a larger
-    expert axis replicates them more). Decode rows keep FSDP weights."""
+def expert_size(cfg: ModelConfig, step: str, chips: int) -> int:
+    """MoE train steps: the expert axis, about the square root of the chips and at most EXPERT_PARALLEL (the
+    batch splits over it: it is data parallel outside the MoE layers; non-expert weights are sharded over fsdp
+    only, so a larger expert axis replicates them more). 1 otherwise."""
     ep = 1
     if step == "train" and cfg.n_routed_experts:
         while ep * 2 <= EXPERT_PARALLEL and (ep * 2) ** 2 <= chips and cfg.n_routed_experts % (ep * 2) == 0:
             ep *= 2
-    return {"data": 1, "fsdp": chips // ep, "tensor": 1, "expert": ep}
+    return ep
 
 
-def compile_row(name: str, cfg: ModelConfig, generation: str, chips: int, case: str, batch: int, seq: int) -> dict:
+def plan_mesh(cfg: ModelConfig, step: str, chips: int, tensor: int = 1) -> dict:
+    """The mesh a row compiles on: `tensor` (tensor and sequence parallel), the expert axis (expert_size) and
+    FSDP over the rest. Decode rows keep FSDP weights."""
+    ep = expert_size(cfg, step, chips)
+    return {"data": 1, "fsdp": chips // (ep * tensor), "tensor": tensor, "expert": ep}
+
+
+def candidates(cfg: ModelConfig, step: str, generation: str, chips: int, tensor: int) -> list[tuple[int, int]]:
+    """(chips, tensor) the compile loop tries from the planned one on, until one fits: larger tensor axes on the
+    same slice, then the next slices."""
+    out = []
+    for c in slices(CHIPS[generation]):
+        if c >= chips:
+            out += [(c, t) for t in tensor_sizes(cfg, step, c) if c > chips or t >= tensor]
+    return out
+
+
+def compile_row(name: str, cfg: ModelConfig, generation: str, chips: int, tensor: int, case: str, batch: int,
+                seq: int) -> dict:
     from nemojax.aot import compile_plan
     from nemojax.sharding import MeshConfig
 
     step, _ = CASES[case]
-    plan = compile_plan(cfg, slice_name(generation, chips), MeshConfig(**plan_mesh(cfg, step, chips)), step=step,
-                        batch=batch, seq_len=seq, remat="block" if step == "train" else None)
+    plan = compile_plan(cfg, slice_name(generation, chips), MeshConfig(**plan_mesh(cfg, step, chips, tensor)),
+                        step=step, batch=batch, seq_len=seq, remat="block" if step == "train" else None)
     return dict(plan, config=name)
 
 
@@ -174,7 +227,8 @@ def render(rows: list[dict], results: dict) -> str:
     for r in rows:
         by_case.setdefault(r["case"], []).append(r)
     titles = {"train": f"## (a) Training: seq {TRAIN_SEQ}, global batch {GLOBAL_BATCH} (grad accumulation), "
-                       "remat=block, FSDP over all chips (MoE: fsdp x expert)",
+                       "remat=block, FSDP (MoE: fsdp x expert), tensor and sequence parallel where FSDP alone does "
+                       "not fit",
               "decode1": "## (b) Inference at full context, batch 1 (one decode step; FSDP weights)",
               "decode32": "## (b) Inference at full context, batch 32 (one decode step; FSDP weights)"}
     for case, case_rows in by_case.items():
@@ -183,12 +237,17 @@ def render(rows: list[dict], results: dict) -> str:
                   "roofline tokens/s | MFU (roofline) | compile s | H100s (plan) |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in case_rows:
+            step = CASES[case][0]
             compiled = [v for k, v in results.items() if k[0] == r["config"] and k[1].startswith(r["generation"])
-                        and k[2] == CASES[case][0] and (case == "train" or k[3] == r["batch"])
-                        and k[4] == r["seq_len"] and k[5] == mesh_key(plan_mesh(r["cfg"], CASES[case][0], v["chips"]))]
-            fitting = sorted((c for c in compiled if c["fits"]), key=lambda c: c["chips"])
-            best = fitting[0] if fitting else (max(compiled, key=lambda c: c["chips"]) if compiled else None)
-            planned = slice_name(r["generation"], r["chips"]) if r["chips"] else "none"
+                        and k[2] == step and (case == "train" or k[3] == r["batch"]) and k[4] == r["seq_len"]
+                        and k[5] == mesh_key(plan_mesh(r["cfg"], step, v["chips"], v["mesh"]["tensor"]))]
+            order = lambda c: (c["chips"], c["mesh"]["tensor"])            # noqa: E731
+            fitting = sorted((c for c in compiled if c["fits"]), key=order)
+            best = fitting[0] if fitting else (max(compiled, key=order) if compiled else None)
+            planned = "none"
+            if r["chips"]:
+                planned = slice_name(r["generation"], r["chips"]) + (f" (tensor={r['tensor']})" if r["tensor"] > 1
+                                                                      else "")
             if best:
                 tps = best.get("tokens_per_second")
                 # the MFU of a roofline is meaningful only where the compiler counted at least the model's FLOPs
@@ -233,14 +292,17 @@ def main():
                 row = dict(plan_row(name, cfg, case, CHIPS[gen]), config=name, case=case, generation=gen, cfg=cfg)
                 row["h100"] = plan_row(name, cfg, case, H100)["chips"]
                 rows.append(row)
-                chips = row["chips"]
-                while args.compile and chips and time.time() < deadline:
-                    batch = min(chips, GLOBAL_BATCH) if case == "train" else row["batch"]
-                    key = (name, slice_name(gen, chips), CASES[case][0], batch, row["seq_len"],
-                           mesh_key(plan_mesh(cfg, CASES[case][0], chips)))
+                step = CASES[case][0]
+                todo = candidates(cfg, step, gen, row["chips"], row["tensor"]) if row["chips"] else []
+                for chips, tensor in todo:
+                    if not args.compile or time.time() >= deadline:
+                        break
+                    batch = train_batch(chips, tensor) if case == "train" else row["batch"]
+                    key = (name, slice_name(gen, chips), step, batch, row["seq_len"],
+                           mesh_key(plan_mesh(cfg, step, chips, tensor)))
                     if key not in results:
                         try:
-                            results[key] = compile_row(name, cfg, gen, chips, case, batch, row["seq_len"])
+                            results[key] = compile_row(name, cfg, gen, chips, tensor, case, batch, row["seq_len"])
                         except Exception as e:                  # reported; the row stays "not yet"
                             print(f"{key}: {str(e).splitlines()[0][:200]}", file=sys.stderr)
                             break
@@ -249,10 +311,8 @@ def main():
                         print(json.dumps({k: results[key][k] for k in ("config", "topology", "step", "fits",
                                                                       "hbm_bytes_per_chip", "compile_seconds")}),
                               flush=True)
-                    bigger = [c for c in slices(CHIPS[gen]) if c > chips]
-                    if results[key]["fits"] or not bigger:
+                    if results[key]["fits"]:
                         break
-                    chips = bigger[0]
     with open(args.out, "w") as f:
         f.write(render(rows, results) + "\n")
     print(f"wrote {args.out}")

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nemojax.config import ModelConfig
-from nemojax.layers.block import RESIDUAL, Block, run_blocks
+from nemojax.layers.block import MIXER_IN, RESIDUAL, Block, run_blocks
 from nemojax.layers.common import Mode, linear, mask_value
 from nemojax.layers.moe import ExpertBias
 from nemojax.layers.mtp import MTPBlock
@@ -68,7 +68,8 @@ class NemotronH(nnx.Module):
             h = h * keep.astype(h.dtype)
         h, cache = run_blocks(self.layers, h, mask=mask, caches=cache, mode=mode,
                               remat=self.config.runtime.remat, scan=self.config.runtime.scan_layers)
-        return self.norm_f(h.astype(self.config.compute_dtype), keep), cache
+        # whole sequences again for the vocab-parallel lm_head (and the MTP head)
+        return constrain(self.norm_f(h.astype(self.config.compute_dtype), keep), MIXER_IN), cache
 
     def logits(self, h: jax.Array) -> jax.Array:
         with jax.named_scope("lm_head"):

@@ -31,10 +31,13 @@ AXES = ("data", "fsdp", "tensor", "expert")
 # logical axis -> mesh axes (None: replicated). One table for parameters, activations and the arrays of
 # inference caches (each cache type declares its LOGICAL_AXES; generation pins them with constrain_cache).
 RULES = {
-    # activations and caches; the residual stream is sharded over the batch only: tensor-parallel layers gather
-    # it at their input and reduce at their output (Megatron's non-sequence-parallel layout). The expert axis is
-    # data parallel outside the MoE layers (which gather each expert group's tokens: layers/moe.py)
-    "batch": ("data", "fsdp", "expert"), "seq": None, "act_embed": None, "cache_seq": None,
+    # activations and caches. Between blocks the residual stream's positions are split over 'tensor' too
+    # (Megatron's sequence parallelism, "act_seq"): each block all-gathers its normed input to whole sequences
+    # ("seq") for the tensor-parallel mixer and reduce-scatters the mixer's output back, so the block inputs that
+    # remat keeps, the norms and the residual adds are 1/tensor per chip. The expert axis is data parallel
+    # outside the MoE layers (which gather each expert group's tokens: layers/moe.py)
+    "batch": ("data", "fsdp", "expert"), "seq": None, "act_seq": ("tensor",), "act_embed": None,
+    "cache_seq": None,
     "vocab": ("tensor",),                  # embedding rows, lm_head columns, logits
     "embed": ("fsdp",),                    # the hidden size of weights (FSDP)
     "heads": ("tensor",), "kv_heads": ("tensor",), "head_dim": None,

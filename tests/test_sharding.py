@@ -125,9 +125,12 @@ def test_sharded_training_matches_single_device(tmp_path):
     assert result["devices"] == 8
     assert result["in_proj_x_spec"] == ["fsdp", "tensor"]
     assert result["expert_up_spec"] == ["None", "fsdp", "tensor"]       # expert axis has size 1 here
-    # residual stream pinned to batch over data x fsdp after the embeddings and every block; logits add vocab
-    residual = '{"data", "fsdp"}, {}, {}'
-    assert result["constraints"] == [residual] * (result["num_blocks"] + 1) + ['{"data", "fsdp"}, {}, {"tensor"}']
+    # sequence parallelism: the residual stream is pinned to batch over data x fsdp and positions over tensor
+    # after the embeddings, each mixer's output and each block; each mixer's input and the final hidden states
+    # are whole sequences; logits are split over the vocabulary
+    residual, whole = '{"data", "fsdp"}, {"tensor"}, {}', '{"data", "fsdp"}, {}, {}'
+    assert result["constraints"] == ([residual] + [whole, residual, residual] * result["num_blocks"]
+                                     + [whole, '{"data", "fsdp"}, {}, {"tensor"}'])
     assert result["loss_diff"] < 1e-5 and result["param_diff"] < 1e-5, result
     assert result["restored_spec"] == ["fsdp", "tensor"]
     assert result["resumed_loss_diff"] < 1e-5, result

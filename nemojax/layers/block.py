@@ -22,7 +22,10 @@ from nemojax.layers.common import Mode, channel_stat, mask_value, record, uid_sh
 from nemojax.layers.norm import RMSNorm
 from nemojax.sharding import constrain
 
-RESIDUAL = ("batch", "seq", "act_embed")       # logical axes of the residual stream (sharding.RULES)
+# logical axes (sharding.RULES) of the residual stream between blocks (positions split over 'tensor': sequence
+# parallelism) and of a mixer's input (whole sequences: the layout every mixer is written for)
+RESIDUAL = ("batch", "act_seq", "act_embed")
+MIXER_IN = ("batch", "seq", "act_embed")
 
 
 def make_mixer(char: str, cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
@@ -53,9 +56,11 @@ class Block(nnx.Module):
         with jax.named_scope(self.scope):
             x = h.astype(self.compute_dtype)
             keep = mask_value(self.embed_mask, jnp.float32)
-            normed = x if self.norm is None else self.norm(x, keep)
+            # the norm runs on the positions this chip holds; the mixer gets whole sequences (all-gather)
+            normed = constrain(x if self.norm is None else self.norm(x, keep), MIXER_IN)
             record(self, lambda: {"embed": channel_stat(normed)})           # embedding-channel importance
             y, cache = self.mixer(normed, mask=mask, cache=cache, mode=mode)
+            y = constrain(y, RESIDUAL)              # the row-parallel output reduce-scattered over positions
             if keep is not None:
                 y = y * keep.astype(y.dtype)
             if self.layer_mask is not None:

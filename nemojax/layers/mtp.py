@@ -19,9 +19,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nemojax.config import ModelConfig
-from nemojax.layers.block import Block, run_blocks
+from nemojax.layers.block import MIXER_IN, Block, run_blocks
 from nemojax.layers.common import Mode, linear
 from nemojax.layers.norm import RMSNorm
+from nemojax.sharding import constrain
 
 
 class MTPBlock(nnx.Module):
@@ -42,4 +43,4 @@ class MTPBlock(nnx.Module):
         model over positions, with its own per-layer caches (init_cache) in the inference modes."""
         x = self.eh_proj(jnp.concatenate([self.enorm(next_embeds), self.hnorm(hidden)], axis=-1))
         x, cache = run_blocks(self.layers, x, mask=mask, caches=cache, mode=mode)
-        return self.final_layernorm(x), cache
+        return constrain(self.final_layernorm(x), MIXER_IN), cache      # whole sequences for the lm_head
