@@ -16,7 +16,8 @@ Two sources, kept apart in the table:
             mesh, then the next larger tensor axis or slice while it does not fit) until --budget-minutes is
             spent; results accumulate in --results across runs, so the table fills in as more is compiled.
 
-H100 count: the same per-device arithmetic with 80 GB devices (GPU rows are never compiled here).
+H100 count: the same per-device arithmetic (tensor parallelism included) with 80 GB devices (GPU rows are never
+compiled here).
 Train: global batch 768 x 8192 tokens (the Megatron-Bridge recipes' GBS) reached with gradient accumulation over
 per-step batches of one sequence per data shard (chips / tensor, capped at 768); remat=block; AdamW fp32 state;
 bf16 compute. Mesh: fsdp over the chips a tensor group does not take (MoE: fsdp x expert).
@@ -30,6 +31,7 @@ import json
 import os
 import sys
 import time
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -71,7 +73,7 @@ NOTES = [
     "with tensor=8 against v6e-32 compiled) are not compiled yet: the compiled column is the smallest slice "
     "verified so far. The plan's arithmetic came within about 25% of the compiled per-chip bytes for the "
     "compiled dense rows (it leaves 10% headroom).",
-    "- Nemotron 3 Nano on v6e: v6e-32 (fsdp=8, expert=4) asked 33.9 GB per chip against 31.25 GB; v6e-64 "
+    "- Nemotron 3 Nano on v6e: v6e-32 (fsdp=8, expert=4) asked 33.9 GB per chip against 33.6 GB; v6e-64 "
     "(fsdp=8, expert=8) fits at 27.1 GB.",
     "- MFU \"n/a\": the compiler's FLOP count of the partitioned program came out below the model FLOPs (scanned "
     "steps count a loop body once), so the roofline is the model FLOPs at peak and says nothing about utilisation.",
@@ -87,6 +89,10 @@ def estimate_bytes(cfg: ModelConfig, step: str, chips: int, batch: int, seq: int
     the batch over chips / tensor where it divides, and a sequence's train activations over `tensor`: tensor
     and sequence parallelism). Rough by design: the compiled rows are the truth."""
     n = param_count(cfg)
+    # routed expert weights split over every chip; the rest over fsdp x tensor only (replicated over 'expert')
+    routed = cfg.pattern.count("E") * cfg.n_routed_experts * 2 * (cfg.moe_latent_size or cfg.hidden_size) * \
+        cfg.moe_intermediate_size
+    per_chip = routed / chips + (n - routed) * expert_size(cfg, step, chips) / chips
     d, layers = cfg.hidden_size, cfg.num_layers
     shards = chips // tensor
     rows = batch / shards if batch >= shards else batch          # rows held per data shard
@@ -98,8 +104,8 @@ def estimate_bytes(cfg: ModelConfig, step: str, chips: int, batch: int, seq: int
         # intra-chunk scores [chunks, heads, L, L], about three live copies
         chunk = cfg.runtime.chunk_size
         ssd = 12 * cfg.mamba_num_heads * (cfg.mamba_head_dim * cfg.ssm_state_size / chunk + chunk)
-        return {"state": 16 * n / chips,                                   # fp32 weights, grads, Adam m and v
-                "scan_stack": 2 * n / chips * cfg.runtime.scan_layers,     # bf16 stacked copy (layers/block.py)
+        return {"state": 16 * per_chip,                                    # fp32 weights, grads, Adam m and v
+                "scan_stack": 2 * per_chip * cfg.runtime.scan_layers,      # bf16 stacked copy (layers/block.py)
                 "activations": tokens * (2 * d * layers                    # bf16 block inputs kept by remat
                                          + 4 * widest * 2                  # one block's recompute working set
                                          + ssd * ("M" in cfg.pattern)
@@ -117,12 +123,13 @@ def slices(chip: Chip) -> list[int]:
 
 def tensor_sizes(cfg: ModelConfig, step: str, chips: int) -> list[int]:
     """Tensor-parallel sizes a row may use on `chips`: train steps try TENSOR_PARALLEL where the size divides
-    the chips left after the expert axis and every tensor-sharded width of the model (heads, KV heads, Mamba
-    heads and groups, MLP and expert widths, vocabulary), so each splits evenly; inference rows keep FSDP."""
+    the chips left after the expert axis and the widths that hold the memory (attention and Mamba heads, MLP
+    and expert widths, vocabulary); inference rows keep FSDP. Narrower tensor-sharded axes (KV heads, SSM
+    groups) are replicated where the size does not divide them (sharding.logical_to_spec)."""
     if step != "train":
         return [1]
-    widths = [cfg.num_attention_heads, cfg.num_key_value_heads, cfg.mamba_num_heads, cfg.n_groups,
-              cfg.intermediate_size, cfg.vocab_size] + ([cfg.moe_intermediate_size] if cfg.n_routed_experts else [])
+    widths = [cfg.num_attention_heads, cfg.mamba_num_heads, cfg.intermediate_size, cfg.vocab_size] + (
+        [cfg.moe_intermediate_size] if cfg.n_routed_experts else [])
     return [t for t in TENSOR_PARALLEL if chips % (t * expert_size(cfg, step, chips)) == 0
             and all(w % t == 0 for w in widths if w)]
 
@@ -132,16 +139,25 @@ def train_batch(chips: int, tensor: int) -> int:
     return min(chips // tensor, GLOBAL_BATCH)
 
 
+def planned(cfg: ModelConfig, case: str, chip: Chip, chips: int, tensor: int, seq: int) -> Optional[dict]:
+    """The plan of one (slice, tensor size), or None where its estimate is over HEADROOM of the chip's HBM."""
+    step, batch = CASES[case]
+    b = train_batch(chips, tensor) if step == "train" else batch
+    parts = estimate_bytes(cfg, step, chips, b, seq, tensor)
+    if sum(parts.values()) > HEADROOM * chip.hbm_bytes:
+        return None
+    return {"chips": chips, "tensor": tensor, "batch": b, "seq_len": seq,
+            "estimate_bytes": int(sum(parts.values())), "estimate": {k: int(v) for k, v in parts.items()}}
+
+
 def plan_row(name: str, cfg: ModelConfig, case: str, chip: Chip) -> dict:
     step, batch = CASES[case]
     seq = TRAIN_SEQ if step == "train" else context(name, cfg)
     for chips in slices(chip):
         for tensor in tensor_sizes(cfg, step, chips):
-            b = train_batch(chips, tensor) if step == "train" else batch
-            parts = estimate_bytes(cfg, step, chips, b, seq, tensor)
-            if sum(parts.values()) <= HEADROOM * chip.hbm_bytes:
-                return {"chips": chips, "tensor": tensor, "batch": b, "seq_len": seq,
-                        "estimate_bytes": int(sum(parts.values())), "estimate": {k: int(v) for k, v in parts.items()}}
+            plan = planned(cfg, case, chip, chips, tensor, seq)
+            if plan:
+                return plan
     return {"chips": None, "tensor": 1, "batch": batch, "seq_len": seq}
 
 
@@ -181,14 +197,14 @@ def plan_mesh(cfg: ModelConfig, step: str, chips: int, tensor: int = 1) -> dict:
     return {"data": 1, "fsdp": chips // (ep * tensor), "tensor": tensor, "expert": ep}
 
 
-def candidates(cfg: ModelConfig, step: str, generation: str, chips: int, tensor: int) -> list[tuple[int, int]]:
+def candidates(cfg: ModelConfig, case: str, generation: str, chips: int, tensor: int,
+               seq: int) -> list[tuple[int, int]]:
     """(chips, tensor) the compile loop tries from the planned one on, until one fits: larger tensor axes on the
-    same slice, then the next slices."""
-    out = []
-    for c in slices(CHIPS[generation]):
-        if c >= chips:
-            out += [(c, t) for t in tensor_sizes(cfg, step, c) if c > chips or t >= tensor]
-    return out
+    same slice, then the next slices, each with the tensor sizes the plan's estimate does not rule out (it
+    underestimates, so what it rules out does not fit)."""
+    chip, step = CHIPS[generation], CASES[case][0]
+    return [(c, t) for c in slices(chip) if c >= chips for t in tensor_sizes(cfg, step, c)
+            if (c, t) == (chips, tensor) or ((c > chips or t > tensor) and planned(cfg, case, chip, c, t, seq))]
 
 
 def compile_row(name: str, cfg: ModelConfig, generation: str, chips: int, tensor: int, case: str, batch: int,
@@ -293,7 +309,7 @@ def main():
                 row["h100"] = plan_row(name, cfg, case, H100)["chips"]
                 rows.append(row)
                 step = CASES[case][0]
-                todo = candidates(cfg, step, gen, row["chips"], row["tensor"]) if row["chips"] else []
+                todo = candidates(cfg, case, gen, row["chips"], row["tensor"], row["seq_len"]) if row["chips"] else []
                 for chips, tensor in todo:
                     if not args.compile or time.time() >= deadline:
                         break

@@ -33,8 +33,10 @@ AXES = ("data", "fsdp", "tensor", "expert")
 RULES = {
     # activations and caches. Between blocks the residual stream's positions are split over 'tensor' too
     # (Megatron's sequence parallelism, "act_seq"): each block all-gathers its normed input to whole sequences
-    # ("seq") for the tensor-parallel mixer and reduce-scatters the mixer's output back, so the block inputs that
-    # remat keeps, the norms and the residual adds are 1/tensor per chip. The expert axis is data parallel
+    # ("seq") for the tensor-parallel mixer and reduce-scatters the mixer's output back (together the bytes of
+    # the one all-reduce of the unsplit layout; MoE layers psum inside their shard_map, and the constraint then
+    # only slices), so the block inputs that remat keeps, the norms and the residual adds are 1/tensor per
+    # chip. The expert axis is data parallel
     # outside the MoE layers (which gather each expert group's tokens: layers/moe.py)
     "batch": ("data", "fsdp", "expert"), "seq": None, "act_seq": ("tensor",), "act_embed": None,
     "cache_seq": None,

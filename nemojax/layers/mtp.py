@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nemojax.config import ModelConfig
-from nemojax.layers.block import MIXER_IN, Block, run_blocks
+from nemojax.layers.block import MIXER_IN, RESIDUAL, Block, run_blocks
 from nemojax.layers.common import Mode, linear
 from nemojax.layers.norm import RMSNorm
 from nemojax.sharding import constrain
@@ -41,6 +41,7 @@ class MTPBlock(nnx.Module):
                  cache: Optional[tuple] = None, mode: Mode = Mode.TRAIN) -> tuple[jax.Array, Optional[tuple]]:
         """hidden, next_embeds [batch, seq, hidden] -> (output [batch, seq, hidden], new cache). As a small causal
         model over positions, with its own per-layer caches (init_cache) in the inference modes."""
-        x = self.eh_proj(jnp.concatenate([self.enorm(next_embeds), self.hnorm(hidden)], axis=-1))
+        x = constrain(self.eh_proj(jnp.concatenate([self.enorm(next_embeds), self.hnorm(hidden)], axis=-1)),
+                      RESIDUAL)
         x, cache = run_blocks(self.layers, x, mask=mask, caches=cache, mode=mode)
         return constrain(self.final_layernorm(x), MIXER_IN), cache      # whole sequences for the lm_head
