@@ -182,7 +182,7 @@ def load_results(path: str) -> dict:
 def expert_size(cfg: ModelConfig, step: str, chips: int) -> int:
     """MoE train steps: the expert axis, about the square root of the chips and at most EXPERT_PARALLEL (the
     batch splits over it: it is data parallel outside the MoE layers; non-expert weights are sharded over fsdp
-    only, so a larger expert axis replicates them more). 1 otherwise."""
+    and tensor only, so a larger expert axis replicates them more). 1 otherwise."""
     ep = 1
     if step == "train" and cfg.n_routed_experts:
         while ep * 2 <= EXPERT_PARALLEL and (ep * 2) ** 2 <= chips and cfg.n_routed_experts % (ep * 2) == 0:

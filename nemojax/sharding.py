@@ -36,8 +36,8 @@ RULES = {
     # ("seq") for the tensor-parallel mixer and reduce-scatters the mixer's output back (together the bytes of
     # the one all-reduce of the unsplit layout; MoE layers psum inside their shard_map, and the constraint then
     # only slices), so the block inputs that remat keeps, the norms and the residual adds are 1/tensor per
-    # chip. The expert axis is data parallel
-    # outside the MoE layers (which gather each expert group's tokens: layers/moe.py)
+    # chip. The expert axis is data parallel outside the MoE layers (which gather each expert group's tokens:
+    # layers/moe.py)
     "batch": ("data", "fsdp", "expert"), "seq": None, "act_seq": ("tensor",), "act_embed": None,
     "cache_seq": None,
     "vocab": ("tensor",),                  # embedding rows, lm_head columns, logits
