@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nemojax.aot import CHIPS, H100, Chip, Topology, model_flops  # noqa: E402
 from nemojax.config import ModelConfig  # noqa: E402
 from nemojax.convert.hf import param_count  # noqa: E402
-from nemojax.sharding import AXES  # noqa: E402
+from nemojax.sharding import mesh_text  # noqa: E402
 
 HEADROOM = 0.9                      # a plan must leave 10% of HBM for the runtime and fragmentation
 TRAIN_SEQ, GLOBAL_BATCH = 8192, 768
@@ -134,15 +134,16 @@ def tensor_sizes(cfg: ModelConfig, step: str, chips: int) -> list[int]:
             and all(w % t == 0 for w in widths if w)]
 
 
-def train_batch(chips: int, tensor: int) -> int:
-    """Sequences per train step: one per data shard (a tensor group), at most the global batch."""
-    return min(chips // tensor, GLOBAL_BATCH)
+def row_batch(case: str, chips: int, tensor: int) -> int:
+    """Sequences per step: for training one per data shard (a tensor group), at most the global batch; the
+    case's own batch for decode."""
+    step, batch = CASES[case]
+    return min(chips // tensor, GLOBAL_BATCH) if step == "train" else batch
 
 
 def planned(cfg: ModelConfig, case: str, chip: Chip, chips: int, tensor: int, seq: int) -> Optional[dict]:
     """The plan of one (slice, tensor size), or None where its estimate is over HEADROOM of the chip's HBM."""
-    step, batch = CASES[case]
-    b = train_batch(chips, tensor) if step == "train" else batch
+    step, b = CASES[case][0], row_batch(case, chips, tensor)
     parts = estimate_bytes(cfg, step, chips, b, seq, tensor)
     if sum(parts.values()) > HEADROOM * chip.hbm_bytes:
         return None
@@ -165,17 +166,13 @@ def slice_name(generation: str, chips: int) -> str:
     return Topology(generation, CHIPS[generation].shapes[chips], chips).name
 
 
-def mesh_key(mesh: dict) -> str:
-    return ",".join(f"{a}={mesh[a]}" for a in AXES if mesh.get(a, 1) > 1)
-
-
 def load_results(path: str) -> dict:
     out = {}
     if os.path.exists(path):
         with open(path) as f:
             for line in f:
                 r = json.loads(line)
-                out[(r["config"], r["topology"], r["step"], r["batch"], r["seq_len"], mesh_key(r["mesh"]))] = r
+                out[(r["config"], r["topology"], r["step"], r["batch"], r["seq_len"], mesh_text(r["mesh"]))] = r
     return out
 
 
@@ -256,7 +253,7 @@ def render(rows: list[dict], results: dict) -> str:
             step = CASES[case][0]
             compiled = [v for k, v in results.items() if k[0] == r["config"] and k[1].startswith(r["generation"])
                         and k[2] == step and (case == "train" or k[3] == r["batch"]) and k[4] == r["seq_len"]
-                        and k[5] == mesh_key(plan_mesh(r["cfg"], step, v["chips"], v["mesh"]["tensor"]))]
+                        and k[5] == mesh_text(plan_mesh(r["cfg"], step, v["chips"], v["mesh"]["tensor"]))]
             order = lambda c: (c["chips"], c["mesh"]["tensor"])            # noqa: E731
             fitting = sorted((c for c in compiled if c["fits"]), key=order)
             best = fitting[0] if fitting else (max(compiled, key=order) if compiled else None)
@@ -269,7 +266,7 @@ def render(rows: list[dict], results: dict) -> str:
                 # the MFU of a roofline is meaningful only where the compiler counted at least the model's FLOPs
                 counted = best.get("mfu") and best["flops_per_step"] >= best["model_flops_per_chip"]
                 mfu = f"{best['mfu']:.0%}" if counted else "n/a" if best.get("mfu") else "–"
-                cells = [f"{best['topology']} ({mesh_key(best['mesh'])})", gb(best["hbm_bytes_per_chip"]),
+                cells = [f"{best['topology']} ({mesh_text(best['mesh'])})", gb(best["hbm_bytes_per_chip"]),
                          "yes" if best["fits"] else "no", f"{tps:,.0f}" if tps else "–", mfu,
                          f"{best['compile_seconds']:.0f}"]
             else:
@@ -313,9 +310,9 @@ def main():
                 for chips, tensor in todo:
                     if not args.compile or time.time() >= deadline:
                         break
-                    batch = train_batch(chips, tensor) if case == "train" else row["batch"]
+                    batch = row_batch(case, chips, tensor)
                     key = (name, slice_name(gen, chips), step, batch, row["seq_len"],
-                           mesh_key(plan_mesh(cfg, step, chips, tensor)))
+                           mesh_text(plan_mesh(cfg, step, chips, tensor)))
                     if key not in results:
                         try:
                             results[key] = compile_row(name, cfg, gen, chips, tensor, case, batch, row["seq_len"])

@@ -28,7 +28,7 @@ from nemojax.generate import PREFILL_CHUNK, stream_generate
 from nemojax.host_allocator import accelerator_visible
 from nemojax.model import NemotronH, count_params, make_forward
 from nemojax.quant.pack import PackSpec, pack_model, weight_bytes
-from nemojax.sharding import make_mesh, parse_mesh
+from nemojax.sharding import make_mesh, mesh_text, parse_mesh
 from nemojax.tokenizer import load_tokenizer
 
 
@@ -65,7 +65,7 @@ def _cmd_compile(args) -> int:
     plan = compile_plan(cfg, args.topology, parse_mesh(args.mesh), step=args.step, batch=args.batch,
                         seq_len=args.seq_len, remat=args.remat, precision=args.precision,
                         prefill_chunk=args.prefill_chunk or None, scan_layers=args.scan_layers)
-    mesh = ",".join(f"{a}={n}" for a, n in plan["mesh"].items() if n > 1) or "one chip"
+    mesh = mesh_text(plan["mesh"]) or "one chip"
     scanned = ", scanned layers" if plan["scan_layers"] else ""
     print(f"{args.config}: {plan['step']} step, batch {plan['batch']} x {plan['seq_len']} tokens, remat "
           f"{plan['remat']}{scanned}, {plan['precision']}; {plan['topology']} ({plan['chips']} chips, {mesh}); "

@@ -201,6 +201,12 @@ def parse_mesh(text: str) -> MeshConfig:
     return MeshConfig(**{a: sizes.get(a, 1) for a in AXES})
 
 
+def mesh_text(sizes: dict) -> str:
+    """{axis: size} -> the --mesh form parse_mesh reads ('fsdp=8,expert=8'): the axes of size > 1 in AXES
+    order; '' for a single device."""
+    return ",".join(f"{a}={sizes[a]}" for a in AXES if sizes.get(a, 1) > 1)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """[batch, seq] arrays: batch over data x fsdp x expert (RULES['batch'])."""
     return NamedSharding(mesh, P(BATCH_AXES, None))

@@ -199,9 +199,7 @@ def test_scaling_plans_reach_tensor_parallelism_where_fsdp_alone_does_not_fit(tm
     assert rows[1][3].startswith("v6e-") and "(tensor=" in rows[1][3]
     cfg = ModelConfig.from_yaml(os.path.join(ROOT, "configs", "nemotron_h_56b.yaml"))
     chip = aot.CHIPS["v6e"]
-    for chips in scaling.slices(chip):
-        parts = scaling.estimate_bytes(cfg, "train", chips, scaling.train_batch(chips, 1), 8192)
-        assert sum(parts.values()) > scaling.HEADROOM * chip.hbm_bytes
+    assert all(scaling.planned(cfg, "train", chip, chips, 1, 8192) is None for chips in scaling.slices(chip))
     # the compile loop walks larger tensor axes on the planned slice, then larger slices with the tensor sizes
     # the estimate does not rule out (FSDP alone, never)
     todo = scaling.candidates(cfg, "train", "v6e", 64, 4, 8192)
